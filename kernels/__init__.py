@@ -1,0 +1,1 @@
+"""Block-sparse matmul kernels (Pallas GPU/TPU, pure XLA, dense reference)."""

@@ -1,0 +1,165 @@
+"""Configs for sparse_gpt: one base config and named presets.
+
+Run a preset with::
+
+    python train.py --config sparse_gpt/config.py:tiny --workdir runs/tiny
+    python train.py --config sparse_gpt/config.py:gpt2-small --config.train.batch_size=64
+
+Any field can be overridden with ``--config.SECTION.KEY=VALUE``; overriding a key that does
+not exist is an error (the config is locked).
+
+Dimension letters used in array names across the code base (``x_BxLxD``):
+
+    B  batch                    L  sequence length (tokens)
+    D  model width (d_model)    H  attention heads
+    K  head dimension (D // H)  F  MLP hidden width (d_ff)
+    V  vocabulary               N  number of decoder layers (stacked leading axis)
+
+Presets (parameter counts with the GPT-2 BPE vocabulary of 50304, tied embeddings):
+
+    tiny         4 x 128, byte vocab, 256 context   ~0.9M  params, CPU, ~0.1 s/step on 2 cores
+    gpt2-small   12 x 768, 1024 context             124M   (GPT-2 small)
+    gpt2-medium  24 x 1024, 1024 context            350M   (GPT-2 medium)
+    gpt-1.3b     24 x 2048, 2048 context            1.3B   (GPT-3 XL shape)
+    gpt-13b      40 x 5120, 40 heads, 2048 context  13B    (the SambaNova paper's model)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("tiny", "gpt2-small", "gpt2-medium", "gpt-1.3b", "gpt-13b")
+
+# (n_layers, d_model, n_heads, max_len) of each preset.
+_SHAPES = {
+    "tiny": (4, 128, 4, 256),
+    "gpt2-small": (12, 768, 12, 1024),
+    "gpt2-medium": (24, 1024, 16, 1024),
+    "gpt-1.3b": (24, 2048, 16, 2048),
+    "gpt-13b": (40, 5120, 40, 2048),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the full config tree with every key a preset or the CLI may set."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=50304,        # GPT-2's 50257 padded to a multiple of 64
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_ff=0,                  # 0 -> 4 * d_model
+        max_len=1024,            # context length of the learned position table
+        use_rope=False,          # rotary embeddings instead of learned positions
+        dtype="float32",         # compute dtype: float32 | bfloat16
+        param_dtype="float32",   # parameters stay fp32 under bf16 compute
+        remat=False,             # rematerialise each block in the backward pass
+        init_std=0.02,
+        # How SparseDense multiplies: "masked" (x @ (w * m), the oracle) or "block_sparse"
+        # (kernels.block_sparse_matmul on non-zero blocks; needs a block-structured mask).
+        matmul="masked",
+        kernel_backend="auto",   # auto | xla | pallas_gpu | pallas_tpu | reference
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        path="",                 # "" -> bundled Shakespeare corpus; else a .txt/.jsonl file or folder
+        tokenizer="byte",        # byte | gpt2
+        bpe_dir="",              # folder with GPT-2 encoder.json + vocab.bpe (tokenizer=gpt2)
+        seq_len=256,
+        val_fraction=0.05,       # fraction of documents held out for validation
+        data_dir="",             # TFDS cache folder; "" -> WORKDIR/../.tfds_cache or ~/.cache
+        seed=0,                  # shuffling seed
+        num_workers=0,           # grain worker processes (0: in-process)
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        seed=0,
+        batch_size=32,
+        num_steps=10000,
+        lr=6e-4,
+        min_lr_ratio=0.1,        # cosine decays to lr * min_lr_ratio
+        warmup_steps=500,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+        log_every=50,
+        eval_every=500,
+        eval_batches=20,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        sample_tokens=200,       # length of the text sample written at the end
+        sample_prompt="ROMEO:",
+        progress_bar=True,
+    ))
+
+    c.sparsity = ml_collections.ConfigDict(dict(
+        method="dense",          # dense | static | gmp | set | rigl (see sparse_gpt/methods)
+        density=1.0,             # target fraction of non-zero weights in sparse layers
+        distribution="uniform",  # uniform | erk | explicit
+        explicit_densities="",   # "pattern=density,..." used when distribution=explicit
+        structure="unstructured",  # unstructured | block | nm
+        block_size=128,          # block edge for structure=block (both dims)
+        nm_n=2,                  # N of N:M structure
+        nm_m=4,                  # M of N:M structure
+        sparse_layers="attn/qkv,attn/out,mlp/fc,mlp/proj",  # path patterns of sparse kernels
+        init="random",           # how static/SET/RigL pick the first mask: random | magnitude
+        update_every=100,        # steps between topology updates (SET, RigL)
+        drop_fraction=0.3,       # initial fraction dropped/regrown per update
+        update_start=0,          # first step of mask updates / pruning
+        update_end=-1,           # last step (-1: 75% of training, as in RigL)
+        grow_init="zeros",
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,                 # -1: all devices not used by the other axes
+        fsdp=1,
+        tensor=1,
+        stage=1,
+    ))
+    return c
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    """Returns the config of a named preset.
+
+    Args:
+      preset: one of ``PRESETS``.
+
+    Returns:
+      A locked ``ConfigDict`` (unknown keys cannot be added by overrides).
+
+    Raises:
+      ValueError: the preset is unknown.
+    """
+    preset = (preset or "tiny").strip()
+    if preset not in _SHAPES:
+        raise ValueError(
+            f"Unknown preset {preset!r}. Choose one of {', '.join(PRESETS)}, "
+            f"e.g. --config sparse_gpt/config.py:tiny")
+    c = base_config()
+    n_layers, d_model, n_heads, max_len = _SHAPES[preset]
+    c.model.update(n_layers=n_layers, d_model=d_model, n_heads=n_heads, max_len=max_len)
+    c.data.seq_len = max_len
+    if preset == "tiny":
+        # Byte-level on the bundled corpus: a CPU run of a few minutes.
+        c.model.vocab_size = 256 + 8   # 256 bytes + end-of-text, padded to a multiple of 8
+        c.data.tokenizer = "byte"
+        c.data.seq_len = 128
+        c.train.update(batch_size=16, num_steps=1500, lr=3e-3, warmup_steps=100,
+                       weight_decay=0.1, log_every=25, eval_every=250, eval_batches=8,
+                       checkpoint_every=250)
+        c.sparsity.block_size = 32
+        c.sparsity.update_every = 50
+    else:
+        c.data.tokenizer = "gpt2"
+        c.model.dtype = "bfloat16"
+    if preset in ("gpt-1.3b", "gpt-13b"):
+        c.model.remat = True
+        c.train.update(lr=2e-4 if preset == "gpt-1.3b" else 1e-4, batch_size=512,
+                       warmup_steps=2000, num_steps=100_000)
+    c.preset = preset
+    c.lock()
+    return c
