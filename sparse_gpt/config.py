@@ -97,20 +97,25 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sparsity = ml_collections.ConfigDict(dict(
         method="dense",          # dense | static | gmp | set | rigl (see sparse_gpt/methods)
-        density=1.0,             # target fraction of non-zero weights in sparse layers
-        distribution="uniform",  # uniform | erk | explicit
-        explicit_densities="",   # "pattern=density,..." used when distribution=explicit
+        density=1.0,             # target fraction of non-zero weights in sparse layers, (0, 1]
+        distribution="uniform",  # uniform | erk | explicit: how density is spread over layers
+        explicit_densities="",   # "pattern=density,..." used when distribution=explicit;
+                                 # unmatched sparse layers get `density`
         structure="unstructured",  # unstructured | block | nm
-        block_size=128,          # block edge for structure=block (both dims)
-        nm_n=2,                  # N of N:M structure
-        nm_m=4,                  # M of N:M structure
+        block_size=128,          # block edge for structure=block (square blocks; must divide
+                                 # every sparse kernel dim)
+        nm_n=2,                  # N of N:M structure (groups of M along the input axis);
+        nm_m=4,                  # with structure=nm, density must equal nm_n / nm_m
         sparse_layers="attn/qkv,attn/out,mlp/fc,mlp/proj",  # path patterns of sparse kernels
         init="random",           # how static/SET/RigL pick the first mask: random | magnitude
-        update_every=100,        # steps between topology updates (SET, RigL)
-        drop_fraction=0.3,       # initial fraction dropped/regrown per update
+        update_every=100,        # steps between topology updates (GMP, SET, RigL)
+        drop_fraction=0.3,       # initial fraction of live weights dropped/regrown per update
+        drop_fraction_schedule="cosine",  # cosine (decays to 0 at update_end) | constant
         update_start=0,          # first step of mask updates / pruning
         update_end=-1,           # last step (-1: 75% of training, as in RigL)
-        grow_init="zeros",
+        prune_scope="layer",     # gmp only: layer (each matrix to its density) | global
+        gmp_power=3.0,           # exponent of GMP's density schedule (3: Zhu & Gupta cubic)
+        grow_init="zeros",       # value of regrown weights (only zeros is implemented)
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(

@@ -1,0 +1,99 @@
+"""Training FLOPs per step, dense and as the masks make them, and density summaries.
+
+Counting rules (multiply-add = 2 FLOPs; T = batch_size * seq_len tokens):
+
+* Each projection kernel ``[K, N]`` (attention QKV and output, MLP fc and proj, every layer):
+  forward ``2 T K N``, backward ``dX`` ``2 T K N`` and ``dW`` ``2 T K N``, so ``6 T K N``
+  dense. Sparse counts replace ``K N`` by the matrix's live weights ``nnz``: ``6 T nnz``.
+  With a dense weight gradient (RigL's update steps) ``dW`` stays ``2 T K N``.
+* Attention scores ``Q K^T`` and the value product ``P V``: ``2 L^2 D`` each per sequence
+  and layer forward, times 3 for training; counted dense and over the full ``L x L`` square
+  (the causal half is not subtracted, as in most published counts).
+* The LM head ``[D, V]``: ``6 T D V``, dense. Embedding lookups, LayerNorm, softmax,
+  biases and the optimizer are not counted (they are O(T D), not O(T D^2)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from sparse_gpt import masks as masks_lib
+
+Tree = Any
+
+# The model's maskable kernels, relative to the params root (model.py's tree).
+KERNELS = ("blocks/attn/qkv/kernel", "blocks/attn/out/kernel",
+           "blocks/mlp/fc/kernel", "blocks/mlp/proj/kernel")
+
+
+def kernel_shapes(model_config) -> dict[str, tuple[int, int, int]]:
+    """Shapes ``[N_layers, K, N]`` of the four projection kernels for a ``config.model``."""
+    n, d = int(model_config.n_layers), int(model_config.d_model)
+    f = int(model_config.d_ff) or 4 * d
+    return dict(zip(KERNELS, [(n, d, 3 * d), (n, d, d), (n, d, f), (n, f, d)]))
+
+
+def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
+               dense_weight_grad=False) -> dict[str, jnp.ndarray]:
+    """Training FLOPs of one step (forward + backward), dense and with ``masks``.
+
+    Usable inside and outside ``jit`` (counts are float32 jnp scalars).
+
+    Args:
+      model_config: ``config.model`` (``n_layers``, ``d_model``, ``d_ff``, ``vocab_size``).
+      masks: the mask tree; kernels without a mask leaf count dense.
+      batch_size: sequences per step.
+      seq_len: tokens per sequence.
+      dense_weight_grad: bool or traced bool; True when this step computes the dense weight
+        gradient (``needs_dense_grads`` methods on update steps).
+
+    Returns:
+      ``{"dense": ..., "sparse": ...}`` FLOPs of the step.
+    """
+    tokens = float(batch_size) * float(seq_len)
+    n_layers, d = int(model_config.n_layers), int(model_config.d_model)
+    flat = masks_lib.flatten(masks)
+    dense = jnp.zeros((), jnp.float32)
+    sparse = jnp.zeros((), jnp.float32)
+    for path, shape in kernel_shapes(model_config).items():
+        size = float(shape[0] * shape[1] * shape[2])
+        live = (jnp.sum(flat[path], dtype=jnp.float32) if path in flat
+                else jnp.asarray(size, jnp.float32))
+        dense += 6.0 * tokens * size
+        dw = jnp.where(dense_weight_grad, size, live)
+        sparse += 2.0 * tokens * (2.0 * live + dw)
+    other = (3.0 * 4.0 * batch_size * float(seq_len) ** 2 * d * n_layers     # QK^T, PV
+             + 6.0 * tokens * d * int(model_config.vocab_size))              # LM head
+    return dict(dense=dense + other, sparse=sparse + other)
+
+
+def density(masks: Tree) -> jnp.ndarray:
+    """Overall density: live weights / size over all mask leaves (float32 scalar)."""
+    flat = masks_lib.flatten(masks)
+    live = sum((jnp.sum(m, dtype=jnp.float32) for m in flat.values()),
+               jnp.zeros((), jnp.float32))
+    return live / max(sum(m.size for m in flat.values()), 1)
+
+
+def density_report(masks: Tree, per_matrix: bool = True) -> dict[str, jnp.ndarray]:
+    """Densities of the mask tree, as a flat dict of float32 scalars for logging.
+
+    Keys: ``total`` (live / size over all mask leaves), each leaf's path (over its stacked
+    layers) and, when ``per_matrix``, ``path[i]`` for the i-th matrix of the leaf (flat index
+    over the leading axes).
+    """
+    out = {}
+    live_total, size_total = jnp.zeros((), jnp.float32), 0
+    for path, m in sorted(masks_lib.flatten(masks).items()):
+        live = masks_lib.nnz(m).reshape(-1).astype(jnp.float32)
+        per = m.shape[-2] * m.shape[-1]
+        out[path] = jnp.sum(live) / (per * live.shape[0])
+        if per_matrix:
+            for i in range(live.shape[0]):
+                out[f"{path}[{i}]"] = live[i] / per
+        live_total += jnp.sum(live)
+        size_total += per * live.shape[0]
+    out["total"] = live_total / max(size_total, 1)
+    return out

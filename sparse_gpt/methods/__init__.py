@@ -1,0 +1,141 @@
+"""Sparsity methods: ``build(config) -> SparsityMethod``.
+
+=======  ==========================================================================
+dense    every weight live (the baseline)
+static   fixed random (or magnitude) topology at init, uniform / ERK / explicit densities
+gmp      gradual magnitude pruning, dense -> sparse on Zhu & Gupta's cubic schedule
+set      SET: magnitude drop, random regrowth, cosine-decayed drop fraction
+rigl     RigL: magnitude drop, regrowth by dense-gradient magnitude
+=======  ==========================================================================
+
+All configuration errors are raised here, at build time, with the fix in the message.
+"""
+
+from __future__ import annotations
+
+from sparse_gpt import masks as masks_lib
+from sparse_gpt.flops import kernel_shapes
+from sparse_gpt.methods.base import Settings, SparsityMethod
+from sparse_gpt.methods.dense import Dense
+from sparse_gpt.methods.gmp import GMP
+from sparse_gpt.methods.rigl import RigL
+from sparse_gpt.methods.set import SET
+from sparse_gpt.methods.static import Static
+
+METHODS = {"dense": Dense, "static": Static, "gmp": GMP, "set": SET, "rigl": RigL}
+
+__all__ = ["METHODS", "Settings", "SparsityMethod", "build", "max_layer_density", "parse_settings",
+           "Dense", "Static", "GMP", "SET", "RigL"]
+
+
+def _choice(name: str, value: str, options) -> str:
+    if value not in options:
+        raise ValueError(f"Unknown sparsity.{name} {value!r}; choose one of "
+                         f"{', '.join(options)} (--config.sparsity.{name}=...).")
+    return value
+
+
+def parse_settings(config) -> Settings:
+    """Validates ``config.sparsity`` (against ``config.model`` / ``config.train``).
+
+    Raises:
+      ValueError: unknown method / distribution / structure / scope / schedule, a density
+        outside (0, 1], a block size not dividing a sparse kernel's dims, N:M with N > M or
+        M not dividing K, or an inconsistent combination; the message says how to fix it.
+    """
+    sp = config.sparsity
+    method = _choice("method", sp.method, METHODS)
+    density = masks_lib.check_density(sp.density)
+    distribution = _choice("distribution", sp.distribution, masks_lib.DISTRIBUTIONS)
+    kind = _choice("structure", sp.structure, masks_lib.STRUCTURES)
+    structure = masks_lib.Structure(kind, (int(sp.block_size), int(sp.block_size)),
+                                    int(sp.nm_n), int(sp.nm_m))
+    explicit = masks_lib.parse_density_map(sp.explicit_densities)
+    if explicit and distribution != "explicit":
+        raise ValueError("explicit_densities is set but distribution is "
+                         f"{distribution!r}; set --config.sparsity.distribution=explicit "
+                         "or clear explicit_densities.")
+    num_steps = int(config.train.num_steps)
+    update_end = int(sp.update_end) if int(sp.update_end) >= 0 else int(0.75 * num_steps)
+    settings = Settings(
+        method=method, density=density, distribution=distribution, explicit=explicit,
+        structure=structure, sparse_layers=masks_lib.parse_patterns(sp.sparse_layers),
+        init=_choice("init", sp.init, ("random", "magnitude")),
+        update_every=int(sp.update_every),
+        drop_fraction=float(sp.drop_fraction),
+        drop_fraction_schedule=_choice("drop_fraction_schedule", sp.drop_fraction_schedule,
+                                       ("cosine", "constant")),
+        update_start=int(sp.update_start), update_end=update_end,
+        prune_scope=_choice("prune_scope", sp.prune_scope, ("layer", "global")),
+        gmp_power=float(sp.gmp_power),
+        grow_init=_choice("grow_init", sp.grow_init, ("zeros",)))
+    _check_combination(settings, config)
+    return settings
+
+
+def _check_combination(s: Settings, config) -> None:
+    """Cross-field checks; each message names the conflicting keys and a fix."""
+    if s.method == "dense":
+        if s.density != 1.0:
+            raise ValueError(f"method=dense trains every weight, so density={s.density} would "
+                             "be ignored; choose --config.sparsity.method=static|gmp|set|rigl "
+                             "or set density=1.0.")
+        return
+    if s.structure.kind == "nm":
+        if abs(s.density - s.structure.n / s.structure.m) > 1e-9:
+            raise ValueError(f"structure=nm fixes the density at nm_n/nm_m = "
+                             f"{s.structure.n}/{s.structure.m}; set --config.sparsity.density="
+                             f"{s.structure.n / s.structure.m:g}.")
+        if s.distribution != "uniform":
+            raise ValueError("structure=nm has the same density n/m in every layer; set "
+                             "--config.sparsity.distribution=uniform.")
+        if s.method == "gmp":
+            raise ValueError("gmp prunes gradually and has no N:M form here; use "
+                             "structure=unstructured|block, or method=static|set|rigl for N:M.")
+    if s.prune_scope == "global" and (s.method != "gmp" or s.distribution != "uniform"):
+        raise ValueError("prune_scope=global ranks all layers together: it applies to "
+                         "method=gmp with distribution=uniform only; set prune_scope=layer.")
+    if not 0.0 <= s.drop_fraction <= 1.0:
+        raise ValueError(f"drop_fraction={s.drop_fraction} must be in [0, 1].")
+    if s.update_every < 1:
+        raise ValueError(f"update_every={s.update_every} must be >= 1.")
+    if s.method in ("gmp", "set", "rigl") and s.update_end <= s.update_start:
+        raise ValueError(f"update_end={s.update_end} must be after update_start="
+                         f"{s.update_start}; set --config.sparsity.update_end (-1 = 75% of "
+                         "train.num_steps).")
+    # Shape checks against the model's kernels, before anything is initialised.
+    shapes = kernel_shapes(config.model)
+    for path in masks_lib.select_paths(sorted(shapes), s.sparse_layers):
+        s.structure.check(path, shapes[path])
+
+
+def max_layer_density(config) -> float:
+    """The densest sparse matrix the method will ever hold (for static block budgets).
+
+    1.0 for dense and gmp (they start dense); otherwise the largest per-layer density of the
+    configured distribution, after rounding to whole units (weights or blocks) per matrix.
+    ERK gives small layers more than ``density``, so a block budget sized by ``density``
+    alone would be too small.
+    """
+    s = parse_settings(config)
+    if s.method in ("dense", "gmp"):
+        return 1.0
+    shapes = kernel_shapes(config.model)
+    paths = masks_lib.select_paths(sorted(shapes), s.sparse_layers)
+    dens = masks_lib.layer_densities({p: shapes[p] for p in paths}, s.density,
+                                     s.distribution, s.explicit)
+    units = {p: s.structure.units(shapes[p]) for p in paths}
+    return max(masks_lib.n_keep(dens[p], units[p]) / units[p] for p in paths)
+
+
+def build(config) -> SparsityMethod:
+    """Returns the configured method (a frozen, hashable dataclass).
+
+    Args:
+      config: the full config (``sparsity``, ``model`` and ``train.num_steps`` are read).
+
+    Raises:
+      ValueError: see :func:`parse_settings`.
+    """
+    settings = parse_settings(config)
+    return METHODS[settings.method](settings)

@@ -1,0 +1,78 @@
+"""SET (Mocanu et al. 2018): drop the smallest weights, regrow as many at random.
+
+The dynamic-sparse-training template: every update drops a (cosine-decayed) fraction of each
+matrix's live weights by a drop score and regrows the same number by a grow score. RigL
+(rigl.py) changes only :meth:`SET.grow_scores`; later methods (MST's mixed growing, a
+shrinking or growing density) override :meth:`grow_scores` or :meth:`target_counts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from sparse_gpt import masks as masks_lib
+from sparse_gpt import prune as prune_lib
+from sparse_gpt import regrow as regrow_lib
+from sparse_gpt import schedules
+from sparse_gpt.masks import UNSTRUCTURED
+from sparse_gpt.methods.base import SparsityMethod
+
+
+@dataclasses.dataclass(frozen=True)
+class SET(SparsityMethod):
+    """Random-init sparse topology, evolved by magnitude drop and random growth.
+
+    Per update and per matrix: ``live`` units, ``n_drop = round(f(step) * live)`` with
+    ``f`` the drop fraction (cosine-decayed from ``drop_fraction`` to 0 at ``update_end``,
+    or constant), keep the ``live - n_drop`` best by :meth:`drop_scores`, then grow
+    ``target - (live - n_drop)`` dead units by :meth:`grow_scores` (units just dropped may
+    come back, at zero). With ``structure=nm`` the drop is per weight and growth refills each
+    group to n, so the N:M pattern and the count are both kept.
+    """
+
+    def init_masks(self, params, masks, rng):
+        return self.initial_topology(params, masks, rng)
+
+    def is_update_step(self, step):
+        s = self.settings
+        return schedules.periodic(s.update_every, s.update_start, s.update_end)(step)
+
+    def drop_fraction(self, step):
+        s = self.settings
+        if s.drop_fraction_schedule == "constant":
+            return schedules.constant(s.drop_fraction)(step)
+        return schedules.cosine_decay(s.drop_fraction, s.update_end, s.update_start)(step)
+
+    def drop_scores(self, params, grads, sub, rng):
+        """``|w|``: the weakest live weights (blocks: by mean ``|w|``) are dropped."""
+        del grads, rng
+        return prune_lib.magnitude(params, sub)
+
+    def grow_scores(self, params, grads, sub, rng):
+        """Uniform random: SET grows anywhere among the dead units."""
+        del params, grads
+        return prune_lib.random_scores(rng, sub)
+
+    def target_counts(self, step, live):
+        """Live units per matrix after the update; SET keeps the count: ``live``."""
+        del step
+        return live
+
+    def update_topology(self, step, params, masks, grads, opt_state, rng):
+        s = self.settings
+        sub = self.sparse_masks(masks)
+        # N:M drops single weights; growth then refills the groups (see class docstring).
+        drop_structure = UNSTRUCTURED if s.structure.kind == "nm" else s.structure
+        live = {p: jnp.sum(prune_lib.to_units(m, drop_structure, "all"), axis=-1,
+                           dtype=jnp.int32) for p, m in masks_lib.flatten(sub).items()}
+        frac = self.drop_fraction(step)
+        keep = {p: n - jnp.round(frac * n).astype(jnp.int32) for p, n in live.items()}
+        dropped = prune_lib.prune_to_count(masks, self.drop_scores(params, grads, sub, rng),
+                                           keep, drop_structure)
+        target = {p: self.target_counts(step, n) for p, n in live.items()}
+        grow = {p: target[p] - keep[p] for p in live}
+        new = regrow_lib.regrow(dropped, self.grow_scores(params, grads, sub, rng), grow,
+                                s.structure)
+        return self.commit(params, masks, new, opt_state)
