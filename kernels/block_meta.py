@@ -35,6 +35,7 @@ lowest-index N-blocks; ``meta.n_dropped`` counts what was dropped (log it or ass
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -268,42 +269,46 @@ def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
   shape = (kb * block_size, nb * block_size)
   concrete = _is_concrete(mask)
 
-  if frozen:
-    if not concrete:
-      raise ValueError("frozen=True needs a mask known at trace time (numpy or a concrete "
-                       "array); for a traced mask use frozen=False (traced metadata).")
-    m = np.asarray(mask) != 0
+  if frozen and not concrete:
+    raise ValueError("frozen=True needs a mask known at trace time (numpy or a concrete "
+                     "array); for a traced mask use frozen=False (traced metadata).")
+  if concrete:
+    # Checked in numpy: inside a jit trace even jnp ops on constants return tracers.
+    m_np = np.asarray(mask) != 0
     if not block_mask:
-      m = m.reshape(kb, block_size, nb, block_size).any(axis=(1, 3))
-    return FrozenBlockMeta(tuple(map(tuple, m.tolist())), block_size, shape)
-
-  m_KbxNb = (jnp.asarray(mask) != 0) if block_mask else pool_block_mask(jnp.asarray(mask),
-                                                                        block_size)
-  if budget is None:
-    if concrete:
-      m_np = np.asarray(m_KbxNb)
-      budget = BlockBudget(max(int(m_np.sum(0).max(initial=0)), 1),
-                           max(int(m_np.sum(1).max(initial=0)), 1))
-    else:
-      budget = BlockBudget(kb, nb)
+      m_np = m_np.reshape(kb, block_size, nb, block_size).any(axis=(1, 3))
+    if frozen:
+      return FrozenBlockMeta(tuple(map(tuple, m_np.tolist())), block_size, shape)
+    cols, rows = m_np.sum(0), m_np.sum(1)
+    if budget is None:
+      budget = BlockBudget(max(int(cols.max(initial=0)), 1), max(int(rows.max(initial=0)), 1))
+  elif budget is None:
+    budget = BlockBudget(kb, nb)
   t, r = int(min(max(budget[0], 1), kb)), int(min(max(budget[1], 1), nb))
   if concrete:
-    m_np = np.asarray(m_KbxNb)
-    cols, rows = m_np.sum(0), m_np.sum(1)
-    if cols.max(initial=0) > t or rows.max(initial=0) > r:
-      j, i = int(cols.argmax()), int(rows.argmax())
+    over = [f"output block column {int(cols.argmax())} has {int(cols.max())} blocks"
+            for _ in range(1) if cols.max(initial=0) > t]
+    over += [f"block row {int(rows.argmax())} has {int(rows.max())} blocks"
+             for _ in range(1) if rows.max(initial=0) > r]
+    if over:
       raise ValueError(
           f"block mask ({kb}x{nb} blocks of {block_size}) exceeds the budget "
-          f"BlockBudget(max_per_col={t}, max_per_row={r}): column {j} has {int(cols[j])} "
-          f"blocks, row {i} has {int(rows[i])}. Raise the budget (block_budget(..., "
-          f"col_slack=..., row_slack=None)) or cap the mask per column "
-          f"(column_topk_block_mask).")
+          f"BlockBudget(max_per_col={t}, max_per_row={r}): {' and '.join(over)}. Raise "
+          f"the budget (block_budget(..., col_slack=..., row_slack=None)) or cap the mask "
+          f"per column (column_topk_block_mask).")
+    m_KbxNb = jnp.asarray(m_np)
+  else:
+    m_KbxNb = (mask != 0) if block_mask else pool_block_mask(mask, block_size)
 
+  return BlockMeta(*_build_views(m_KbxNb, t, r), block_size=block_size, shape=shape)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _build_views(m_KbxNb: jax.Array, t: int, r: int):
   # Truncate columns first (forward/dW view), then rows, so both views describe one mask.
   keep = m_KbxNb & (jnp.cumsum(m_KbxNb, axis=0) <= t)
   keep = keep & (jnp.cumsum(keep, axis=1) <= r)
   col_kidx, col_count = _first_true_indices(keep, t)
   row_nidx, row_count = _first_true_indices(keep.T, r)
   n_dropped = jnp.sum(m_KbxNb, dtype=jnp.int32) - jnp.sum(keep, dtype=jnp.int32)
-  return BlockMeta(col_kidx, col_count, row_nidx, row_count, keep, n_dropped, block_size,
-                   shape)
+  return col_kidx, col_count, row_nidx, row_count, keep, n_dropped
