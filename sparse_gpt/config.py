@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
         bpe_dir="",              # folder with GPT-2 encoder.json + vocab.bpe (tokenizer=gpt2)
         seq_len=256,
         val_fraction=0.05,       # fraction of documents held out for validation
-        data_dir="",             # TFDS cache folder; "" -> WORKDIR/../.tfds_cache or ~/.cache
+        data_dir="",             # TFDS cache; "" -> $SPARSE_GPT_DATA_DIR or ~/.cache/sparse_gpt/tfds
         seed=0,                  # shuffling seed
         num_workers=0,           # grain worker processes (0: in-process)
     ))

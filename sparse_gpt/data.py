@@ -34,6 +34,7 @@ import os
 from typing import Any
 
 from absl import flags
+from absl import logging as absl_logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -268,10 +269,15 @@ def build_dataset(data_config, tokenizer=None) -> TextCorpus:
     """
     # Built first so that a bad tokenizer fails before any file is read.
     tokenizer = tokenizer or get_tokenizer(data_config)
-    builder = TextCorpus(config=_config_for(data_config), data_dir=resolve_data_dir(data_config),
-                         file_format="array_record")
-    builder.tokenizer = tokenizer
+    # TFDS's progress bars and "custom data configuration" warnings would drown the
+    # training progress bar (TFDS still prints one line when it prepares a new cache).
+    tfds.disable_progress_bar()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
+        builder = TextCorpus(config=_config_for(data_config),
+                             data_dir=resolve_data_dir(data_config), file_format="array_record")
+        builder.tokenizer = tokenizer
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except Exception:
@@ -280,6 +286,8 @@ def build_dataset(data_config, tokenizer=None) -> TextCorpus:
         if os.path.isdir(config_dir) and not os.listdir(config_dir):
             os.rmdir(config_dir)
         raise
+    finally:
+        absl_logging.set_verbosity(verbosity)
     return builder
 
 

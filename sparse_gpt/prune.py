@@ -49,11 +49,20 @@ def gradient_magnitude(grads: Tree, masks: Tree, paths: Iterable[str] | None = N
 
 
 def random_scores(rng: jax.Array, masks: Tree, paths: Iterable[str] | None = None) -> dict:
-    """Uniform [0, 1) scores; leaf keys are folded in by sorted path, so they are stable."""
+    """Uniform [0, 1) scores, a function of ``rng`` and the sorted mask paths and shapes.
+
+    One draw covers all leaves (sliced by sorted path) because each separate draw is a
+    separate threefry computation for XLA to compile.
+    """
     flat = masks_lib.flatten(masks)
     keep = sorted(flat if paths is None else paths)
-    return masks_lib.unflatten({p: jax.random.uniform(jax.random.fold_in(rng, i), flat[p].shape)
-                                for i, p in enumerate(keep)})
+    sizes = [flat[p].size for p in keep]
+    u = jax.random.uniform(rng, (sum(sizes),))
+    out, start = {}, 0
+    for p, n in zip(keep, sizes):
+        out[p] = u[start:start + n].reshape(flat[p].shape)
+        start += n
+    return masks_lib.unflatten(out)
 
 
 # ----------------------------------------------------------------------------- selection

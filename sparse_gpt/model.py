@@ -1,0 +1,198 @@
+"""A GPT-2-style decoder in Flax linen, pure in ``params``, ``masks`` and ``tokens``.
+
+    logits_BxLxV = GPT(cfg).apply({"params": params, "masks": masks}, tokens_BxL)
+
+Pre-LayerNorm blocks (attention then GELU MLP), learned positions (or RoPE), tied input and
+output embeddings. The decoder blocks are stacked with ``nn.scan``: every block param and
+mask has a leading layer axis N, which keeps compile time flat in depth and is the axis the
+pipeline splits into stages. Masks exist for the four projection kernels of each block
+(``blocks/attn/qkv``, ``blocks/attn/out``, ``blocks/mlp/fc``, ``blocks/mlp/proj``) and start
+all ``True``; the dimension letters are defined in ``sparse_gpt.config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sparse_gpt.layers import SparseDense
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hashable model hyper-parameters (see ``config.base_config().model``)."""
+    vocab_size: int = 264
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 0
+    max_len: int = 256
+    use_rope: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    init_std: float = 0.02
+    matmul: str = "masked"
+    kernel_backend: str = "auto"
+    block_size: int = 128
+    block_density: float = 1.0
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
+        """Builds the model config from a full run config (``model`` + ``sparsity``)."""
+        m = config.model
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in m.items() if k in names}
+        kwargs["block_size"] = config.sparsity.block_size
+        if m.matmul == "block_sparse":
+            from sparse_gpt import methods  # the budget covers the densest layer ever held
+            kwargs["block_density"] = methods.max_layer_density(config)
+        mc = cls(**kwargs)
+        mc.validate()
+        return mc
+
+    def validate(self) -> None:
+        """Raises ValueError on shapes the model cannot build."""
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                             "set --config.model.n_heads to a divisor of d_model.")
+        if self.use_rope and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}.")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of "
+                                 f"{sorted(_DTYPES)}.")
+
+    @property
+    def jnp_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self) -> Any:
+        return _DTYPES[self.param_dtype]
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, std: float) -> SparseDense:
+    return SparseDense(features, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                       kernel_init=nn.initializers.normal(std), matmul=cfg.matmul,
+                       block_size=cfg.block_size, block_density=cfg.block_density,
+                       kernel_backend=cfg.kernel_backend, name=name)
+
+
+def rope(x_BxLxHxK: jax.Array) -> jax.Array:
+    """Rotary position embedding over the head dim (half-split convention)."""
+    _, seq_len, _, head_dim = x_BxLxHxK.shape
+    half = head_dim // 2
+    freq_K2 = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle_LxK2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freq_K2[None, :]
+    cos, sin = jnp.cos(angle_LxK2)[None, :, None, :], jnp.sin(angle_LxK2)[None, :, None, :]
+    x1, x2 = x_BxLxHxK[..., :half].astype(jnp.float32), x_BxLxHxK[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with a fused QKV projection."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, seq_len, d = x_BxLxD.shape
+        qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std)(x_BxLxD)
+        q, k, v = jnp.split(qkv_BxLx3D.reshape(b, seq_len, 3, cfg.n_heads, cfg.head_dim), 3,
+                            axis=2)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t[:, :, 0] for t in (q, k, v))
+        if cfg.use_rope:
+            q_BxLxHxK, k_BxLxHxK = rope(q_BxLxHxK), rope(k_BxLxHxK)
+        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                                   is_causal=True)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
+        return _dense(cfg, d, "out", out_std)(out_BxLxHxK.reshape(b, seq_len, d))
+
+
+class MLP(nn.Module):
+    """GELU MLP: D -> F -> D."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std)(x_BxLxD))
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        return _dense(cfg, cfg.d_model, "proj", out_std)(h_BxLxF)
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm decoder block; the scan carry is the residual stream."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.cfg.jnp_dtype,  # noqa: E731
+                                       param_dtype=self.cfg.jnp_param_dtype, name=name)
+        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(ln("ln1")(x_BxLxD))
+        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(ln("ln2")(x_BxLxD))
+        return x_BxLxD, None
+
+
+def stacked_blocks(cfg: ModelConfig, length: int, name: str = "blocks") -> nn.Module:
+    """``length`` decoder blocks under one ``nn.scan`` (params and masks stacked on axis 0)."""
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    scanned = nn.scan(block, variable_axes={"params": 0, "masks": 0},
+                      split_rngs={"params": True}, length=length)
+    return scanned(cfg, name=name)
+
+
+class GPT(nn.Module):
+    """The decoder: embeddings, N stacked blocks, final LayerNorm, tied LM head."""
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
+                            param_dtype=cfg.jnp_param_dtype,
+                            embedding_init=nn.initializers.normal(cfg.init_std))
+        if not cfg.use_rope:
+            self.wpe = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype,
+                                param_dtype=cfg.jnp_param_dtype,
+                                embedding_init=nn.initializers.normal(cfg.init_std / 2))
+        self.blocks = stacked_blocks(cfg, cfg.n_layers)
+        self.ln_f = nn.LayerNorm(epsilon=1e-5, dtype=cfg.jnp_dtype,
+                                 param_dtype=cfg.jnp_param_dtype)
+
+    def embed(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Token (+ position) embeddings of the input."""
+        seq_len = tokens_BxL.shape[1]
+        if seq_len > self.cfg.max_len:
+            raise ValueError(f"Sequence length {seq_len} exceeds the model context "
+                             f"max_len={self.cfg.max_len}; lower --config.data.seq_len or "
+                             "raise --config.model.max_len.")
+        x_BxLxD = self.wte(tokens_BxL)
+        if not self.cfg.use_rope:
+            x_BxLxD = x_BxLxD + self.wpe(jnp.arange(seq_len))[None]
+        return x_BxLxD
+
+    def head(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Final LayerNorm and the tied LM head; logits in float32."""
+        return self.wte.attend(self.ln_f(x_BxLxD)).astype(jnp.float32)
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), None)
+        return self.head(x_BxLxD)

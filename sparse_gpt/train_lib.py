@@ -1,0 +1,173 @@
+"""Pure, jittable training pieces: state, optimizer, loss, train and eval steps.
+
+Everything here is a function of explicit pytrees so a notebook can do what ``train.py``
+does in a few calls::
+
+    model, tx, method = build(config)
+    state = init_state(config, model, tx, method, jax.random.key(0))
+    train_step = jax.jit(make_train_step(model, tx, method), donate_argnums=0)
+    state, metrics = train_step(state, batch)
+
+Masked weights stay exactly zero: gradients of masked entries are zero by construction and
+the step re-applies the mask after the optimizer update (AdamW's decoupled weight decay and
+stale moments could otherwise move them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sparse_gpt import flops as flops_lib
+from sparse_gpt import model as model_lib
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; checkpointed as one pytree."""
+    step: jax.Array          # int32 scalar: number of optimizer steps taken
+    params: PyTree
+    masks: PyTree            # bool leaves mirroring the sparse kernels of params
+    opt_state: PyTree
+    rng: jax.Array           # uint32[2] raw key data (checkpoint friendly)
+    bad_step: jax.Array      # int32: first step whose loss/grad was not finite, -1 if none
+    flops: jax.Array         # float32: cumulative training FLOPs counted from the masks
+
+
+def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``num_steps``."""
+    warmup = max(1, min(train.warmup_steps, train.num_steps - 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.lr, warmup_steps=warmup,
+        decay_steps=max(train.num_steps, warmup + 1), end_value=train.lr * train.min_lr_ratio)
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+    """Weight decay on matrices (kernels, embeddings), not on biases or LayerNorm."""
+    def leaf(path, _):
+        return path[-1].key in ("kernel", "embedding")
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine schedule and global-norm gradient clipping."""
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
+        optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=_decay_mask),
+    )
+
+
+def build(config: ml_collections.ConfigDict):
+    """Builds (model, optimizer, sparsity method) from a run config."""
+    from sparse_gpt import methods  # the methods import train-time helpers lazily
+    model = model_lib.GPT(model_lib.ModelConfig.from_config(config))
+    return model, make_optimizer(config.train), methods.build(config)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Zeroes every masked-out entry of params (leaves without a mask are unchanged)."""
+    def walk(p, m):
+        if isinstance(p, dict):
+            return {k: walk(v, m.get(k)) if m is not None else v for k, v in p.items()}
+        return p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype))
+    return walk(params, masks)
+
+
+def init_state(config: ml_collections.ConfigDict, model: nn.Module,
+               tx: optax.GradientTransformation, method: Any, rng: jax.Array) -> TrainState:
+    """Initialises params, the method's first masks and the optimizer state."""
+    init_rng, mask_rng, step_rng = jax.random.split(rng, 3)
+    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+    variables = model.init(init_rng, tokens)
+    masks = method.init_masks(variables["params"], variables["masks"], mask_rng)
+    params = apply_masks(variables["params"], masks)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
+                      opt_state=tx.init(params), rng=jax.random.key_data(step_rng),
+                      bad_step=jnp.full((), -1, jnp.int32), flops=jnp.zeros((), jnp.float32))
+
+
+def cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Weighted mean next-token cross-entropy (nats) and the total weight."""
+    logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    nll_BxL = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    weights_BxL = batch["weights"].astype(jnp.float32)
+    total = jnp.sum(weights_BxL)
+    return jnp.sum(nll_BxL * weights_BxL) / jnp.maximum(total, 1.0), total
+
+
+def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module) -> jax.Array:
+    """Mean next-token loss; ``masks=None`` applies the model dense."""
+    variables = {"params": params} if masks is None else {"params": params, "masks": masks}
+    logits = model.apply(variables, batch["inputs"])
+    return cross_entropy(logits, batch)[0]
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    method: Any) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Returns ``train_step(state, batch) -> (state, metrics)``, pure and jittable.
+
+    Methods that grow by dense gradient (``method.needs_dense_grads``) get the gradient with
+    respect to the effective (masked) weights on their update steps only; every other step
+    computes the ordinary masked gradient, so the dense backward is paid only when used.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def masked_grads(params, masks, batch):
+        loss, grads = grad_fn(params, masks, batch, model)
+        return loss, grads, grads
+
+    def dense_grads(params, masks, batch):
+        # Differentiate the dense product of the already-masked weights (no masks collection,
+        # so no block-sparse path): the gradient of every entry, active or not, is what
+        # RigL-style growth scores by.
+        loss, dense = grad_fn(apply_masks(params, masks), None, batch, model)
+        return loss, apply_masks(dense, masks), dense
+
+    def train_step(state: TrainState, batch: Batch):
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, update_rng = jax.random.split(rng)
+        dense_step = method.needs_dense_grads & method.is_update_step(state.step)
+        if method.needs_dense_grads:
+            loss, grads, score_grads = jax.lax.cond(
+                dense_step, dense_grads, masked_grads, state.params, state.masks, batch)
+        else:
+            loss, grads, score_grads = masked_grads(state.params, state.masks, batch)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = apply_masks(optax.apply_updates(state.params, updates), state.masks)
+        params, masks, opt_state = method.update(state.step, params, state.masks, score_grads,
+                                                 opt_state, update_rng)
+        batch_size, seq_len = batch["inputs"].shape
+        step_flops = flops_lib.step_flops(model.cfg, state.masks, batch_size, seq_len,
+                                          dense_weight_grad=dense_step)
+        new = state.replace(step=state.step + 1, params=params, masks=masks,
+                            opt_state=opt_state, rng=jax.random.key_data(rng),
+                            flops=state.flops + step_flops["sparse"])
+        # A non-finite step is not applied; the host loop sees bad_step and stops the run.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        new = new.replace(step=state.step + 1, bad_step=jnp.where(
+            finite | (state.bad_step >= 0), state.bad_step, state.step))
+        return new, {"loss": loss, "grad_norm": grad_norm, "dense_flops": step_flops["dense"],
+                     "density": flops_lib.density(state.masks)}
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], dict]:
+    """Returns ``eval_step(state, batch) -> {"loss_sum", "weight"}`` for exact averaging."""
+    def eval_step(state: TrainState, batch: Batch):
+        logits = model.apply({"params": state.params, "masks": state.masks}, batch["inputs"])
+        loss, weight = cross_entropy(logits, batch)
+        return {"loss_sum": loss * weight, "weight": weight}
+    return eval_step

@@ -1,0 +1,210 @@
+"""The training loop: data, state, steps, evaluation, metrics, checkpoints, resume.
+
+``train(config, workdir)`` is everything ``python train.py`` does. Re-running it on the same
+workdir resumes from the newest checkpoint (state and data position), so a killed run ends
+with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from sparse_gpt import checkpoint as ckpt_lib
+from sparse_gpt import data as data_lib
+from sparse_gpt import sampling
+from sparse_gpt import train_lib
+from sparse_gpt.metrics import MetricsWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf; the run stopped at the last good checkpoint."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks cross-section constraints the sections cannot check alone."""
+    if config.data.seq_len > config.model.max_len and not config.model.use_rope:
+        raise ValueError(
+            f"data.seq_len={config.data.seq_len} exceeds the model context "
+            f"model.max_len={config.model.max_len}; lower --config.data.seq_len or raise "
+            "--config.model.max_len.")
+    t = config.train
+    for key in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
+        if t[key] <= 0:
+            raise ValueError(f"train.{key}={t[key]} must be positive.")
+
+
+def evaluate(eval_step, state: train_lib.TrainState, batches: list[dict],
+             bytes_per_token: float) -> dict[str, float]:
+    """Token-weighted validation loss, perplexity and bits per UTF-8 byte."""
+    loss_sum, weight = 0.0, 0.0
+    for batch in batches:
+        out = jax.device_get(eval_step(state, batch))
+        loss_sum += float(out["loss_sum"])
+        weight += float(out["weight"])
+    loss = loss_sum / max(weight, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+            "bits_per_byte": loss / math.log(2) / bytes_per_token}
+
+
+def setup(config: ml_collections.ConfigDict):
+    """Builds data, model, optimizer, method and the jitted steps of a run."""
+    validate_config(config)
+    data = data_lib.make_data(config.data, config.train.batch_size, config.data.seed)
+    if data.tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"The {config.data.tokenizer} tokenizer has {data.tokenizer.vocab_size} tokens but "
+            f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size to at "
+            f"least {data.tokenizer.vocab_size}.")
+    model, tx, method = train_lib.build(config)
+    init = jax.jit(lambda rng: train_lib.init_state(config, model, tx, method, rng))
+    train_step = jax.jit(train_lib.make_train_step(model, tx, method), donate_argnums=0)
+    eval_step = jax.jit(train_lib.make_eval_step(model))
+    return data, model, init, train_step, eval_step
+
+
+def restore_or_init(config, workdir: str, model, init, data_iter):
+    """Returns (state, checkpointer, meta): the newest checkpoint's state, else a new one."""
+    rng = jax.random.key(config.train.seed)
+    abstract = jax.eval_shape(init, rng)
+    meta = ckpt_lib.make_meta(model.cfg, abstract)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.train.keep_checkpoints)
+    if ckpt.latest_step() is None:
+        return init(rng), ckpt, meta
+    state, data_state, _ = ckpt.restore(abstract, meta)
+    data_iter.set_state(data_state)
+    return state, ckpt, meta
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the run in ``workdir``.
+
+    Args:
+      config: a run config (``sparse_gpt.config.get_config``).
+      workdir: run folder: checkpoints/, metrics.jsonl, tensorboard/, sample.txt.
+      stop_after: stop (without a final checkpoint, like a crash) once this step is reached;
+        used by tests to simulate an interrupted run.
+
+    Returns:
+      The last logged metrics, with the final validation metrics under ``"val"``.
+
+    Raises:
+      NonFiniteLossError: a non-finite loss or gradient; the newest checkpoint is the last
+        good one.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    data, model, init, train_step, eval_step = setup(config)
+    train_iter = data.train_iterator()
+    state, ckpt, meta = restore_or_init(config, workdir, model, init, train_iter)
+    start = int(state.step)
+    t = config.train
+    tokens_per_step = t.batch_size * config.data.seq_len
+    writer = MetricsWriter(workdir, resume_step=start)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    val_batches = data.val_batches(t.eval_batches)
+    last, val = {}, None
+    pbar = _progress(t, start)
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start, t.num_steps):
+            state, metrics = train_step(state, next(train_iter))
+            done = step + 1
+            is_last = done == t.num_steps
+            if done % t.log_every == 0 or is_last:
+                metrics = jax.device_get(metrics)
+                _check_finite(state, ckpt)
+                now = time.perf_counter()
+                last = {"step": done, "loss": float(metrics["loss"]),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "lr": float(train_lib.lr_schedule(t)(step)),
+                        "tokens_per_sec": (done - tick_step) * tokens_per_step / (now - tick),
+                        "flops": float(state.flops),
+                        "dense_flops_per_step": float(metrics["dense_flops"]),
+                        "density": float(metrics["density"])}
+                tick, tick_step = now, done
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{last['loss']:.3f}",
+                                     tok_s=f"{last['tokens_per_sec']:.0f}")
+                if done % t.eval_every == 0 or is_last:
+                    val = evaluate(eval_step, state, val_batches, data.bytes_per_token)
+                    last.update({f"val_{k}": v for k, v in val.items()})
+                    tick = time.perf_counter()  # evaluation time is not training throughput
+                writer.write(last)
+            if pbar is not None:
+                pbar.update(1)
+            if done % t.checkpoint_every == 0 or is_last:
+                _check_finite(state, ckpt)
+                ckpt.save(done, state, train_iter.get_state(), meta)
+            if stop_after is not None and done >= stop_after:
+                break
+        ckpt.wait()
+    finally:
+        if pbar is not None:
+            pbar.close()
+        ckpt.close()
+        writer.close()
+    if stop_after is None or int(state.step) >= t.num_steps:
+        _write_sample(config, workdir, model, state, data.tokenizer)
+    last["val"] = val
+    last["state"] = state
+    return last
+
+
+def _check_finite(state: train_lib.TrainState, ckpt: ckpt_lib.Checkpointer) -> None:
+    bad = int(state.bad_step)
+    if bad >= 0:
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"Loss or gradient became NaN/inf at step {bad + 1}; stopped. The last good "
+            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
+            "--config.train.lr, raise --config.train.warmup_steps or check the data.")
+
+
+def _progress(t: ml_collections.ConfigDict, start: int):
+    if not t.progress_bar:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _write_sample(config, workdir: str, model, state, tokenizer) -> None:
+    t = config.train
+    prompt = tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]
+    n = max(0, min(t.sample_tokens, model.cfg.max_len - len(prompt)))
+    tokens = sampling.generate(model, state.params, state.masks, prompt, n, temperature=0.8,
+                               top_k=40, seed=t.seed, vocab_size=tokenizer.vocab_size)
+    with open(os.path.join(workdir, "sample.txt"), "w") as f:
+        f.write(t.sample_prompt + tokenizer.decode(tokens) + "\n")
+
+
+def load_run(workdir: str, step: int | None = None):
+    """Loads a run for evaluation: (config, data, model, eval_step, state).
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no run (no config.json or no checkpoint).
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json); pass the --workdir "
+                                "of a train.py run.")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    data, model, init, _, eval_step = setup(config)
+    abstract = jax.eval_shape(init, jax.random.key(config.train.seed))
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet; train first.")
+        state, _, _ = ckpt.restore(abstract, ckpt_lib.make_meta(model.cfg, abstract), step)
+    finally:
+        ckpt.close()
+    return config, data, model, eval_step, state
