@@ -262,3 +262,35 @@ def test_pallas_kernels_lower_for_their_platform(backend, platform):
   text = jax.jit(f).trace(x, w, m).lower(lowering_platforms=(platform,)).as_text()
   call = {"cuda": "xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
   assert text.count(call) == 3  # forward, dX and dW kernels
+
+
+def test_pallas_tpu_under_the_tpu_semantics_interpreter():
+  """``pltpu.InterpretParams`` models SMEM scalar prefetch and DMAs (slower: ~5 s here)."""
+  from jax.experimental.pallas import tpu as pltpu
+  rng = np.random.default_rng(6)
+  mask = np.array([[1, 0, 0], [1, 0, 1], [0, 0, 1], [1, 0, 0]], bool)  # empty column 1
+  x = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((8, 48)), jnp.float32)
+  meta = kernels.make_block_meta(mask, 16, BlockBudget(3, 2), block_mask=True)
+
+  @jax.jit
+  def run(x, w, ct):
+    f = lambda x, w: kernels.block_sparse_matmul(x, w, meta, backend="pallas_tpu",
+                                                 interpret=pltpu.InterpretParams())
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(ct))
+
+  for name, g, r in zip(("y", "dx", "dw"), run(x, w, ct), _oracle(x, w, mask, 16, ct)):
+    _close(g, r, jnp.float32, f"tpu interpreter {name}")
+
+
+def test_mixed_dtypes_promote_and_gradients_keep_input_dtypes():
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((4, 32)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((32, 32)), jnp.float32)
+  meta = kernels.make_block_meta(np.array([[1, 0], [1, 1]], bool), 16, block_mask=True)
+  y, vjp = jax.vjp(lambda x, w: kernels.block_sparse_matmul(x, w, meta), x, w)
+  dx, dw = vjp(jnp.ones_like(y))
+  assert (y.dtype, dx.dtype, dw.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+  _close(y, _oracle(x, w, np.array([[1, 0], [1, 1]]), 16, y)[0], jnp.float32, "y")
