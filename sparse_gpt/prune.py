@@ -79,11 +79,19 @@ def select_top(scores_S: jax.Array, eligible_S: jax.Array, k) -> jax.Array:
       ``[S]`` bool with exactly ``min(k, sum(eligible))`` True entries.
     """
     s = scores_S.astype(jnp.float32)
-    s = jnp.where(jnp.isnan(s), -jnp.inf, s)
+    neg = -jnp.where(jnp.isnan(s), -jnp.inf, s)
+    # sort orders -0.0 before +0.0 but == does not separate them: canonicalise zeros so the
+    # threshold comparison below agrees with the sort.
+    neg = jnp.where(neg == 0, 0.0, neg)
+    dead = (~eligible_S).astype(jnp.int32)
     idx = jnp.arange(s.shape[0], dtype=jnp.int32)
-    _, _, order = lax.sort(((~eligible_S).astype(jnp.int32), -s, idx), num_keys=3)
-    rank = jnp.zeros_like(idx).at[order].set(idx)
-    return (rank < k) & eligible_S
+    # Sort keys (dead, -score, index) are unique, so "key <= the k-th smallest key" selects
+    # exactly k entries; no scatter of ranks needed.
+    sd, sn, si = lax.sort((dead, neg, idx), num_keys=3)
+    j = jnp.clip(k - 1, 0, s.shape[0] - 1)
+    td, tn, ti = sd[j], sn[j], si[j]
+    upto = (dead < td) | ((dead == td) & ((neg < tn) | ((neg == tn) & (idx <= ti))))
+    return upto & (k > 0) & eligible_S
 
 
 def select_rows(scores_LxS, eligible_LxS, k_L) -> jax.Array:

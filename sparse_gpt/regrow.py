@@ -83,7 +83,7 @@ def changed(old: Tree, new: Tree) -> Tree:
 
 
 def zero_entries(tree: Tree, where: Tree) -> Tree:
-    """Sets ``tree``'s entries to zero where the bool tree ``where`` (a mask-path subset) is True."""
+    """Zeroes ``tree``'s entries where the bool tree ``where`` (on mask paths) is True."""
     flat_w = masks_lib.flatten(where)
 
     def one(path, x):
