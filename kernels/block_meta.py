@@ -73,10 +73,12 @@ def check_divisible(shape_KxN: tuple[int, int], block_size: int, what: str = "we
     pad = (-(-K // block_size) * block_size, -(-N // block_size) * block_size)
     divs = [b for b in (256, 128, 64, 32, 16) if K % b == 0 and N % b == 0]
     hint = f"use block_size={divs[0]}" if divs else "no supported block size divides it"
+    extra = (" If this is a [Kb, Nb] block mask, pass block_mask=True." if what == "mask"
+             else "")
     raise ValueError(
         f"{what} shape (K={K}, N={N}) is not a multiple of block_size={block_size}: pad the "
         f"{what} to {pad} (zero rows/columns) or pick a block size dividing both dims "
-        f"({hint}).")
+        f"({hint}).{extra}")
 
 
 def block_budget(K: int, N: int, block_size: int, density: float, *, col_slack: int = 0,
@@ -230,8 +232,9 @@ def _first_true_indices(keep_AxC: jax.Array, width: int) -> tuple[jax.Array, jax
 
 
 def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
-                    budget: BlockBudget | None = None, *, block_mask: bool | None = None,
-                    frozen: bool = False) -> BlockMeta | FrozenBlockMeta:
+                    budget: BlockBudget | int | None = None, *, block_mask: bool = False,
+                    frozen: bool = False, max_blocks: BlockBudget | int | None = None
+                    ) -> BlockMeta | FrozenBlockMeta:
   """Builds block-sparse metadata from a mask; jittable, shapes fixed by the budget.
 
   Call it inside the jitted step, right where the (traced) mask is available, with a static
@@ -241,13 +244,15 @@ def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
     mask: ``[K, N]`` element mask (pooled: a block is on if any element is) or
       ``[Kb, Nb]`` block mask; any dtype, non-zero means kept.
     block_size: block size B (power of two in [16, 256]).
-    budget: static ``BlockBudget``. ``None`` means the tightest budget for a concrete mask
-      (its largest column/row counts; each new count compiles anew) or the full (Kb, Nb)
-      budget for a traced one (always exact, no speed-up on the XLA path).
-    block_mask: whether ``mask`` is a block mask. ``None`` guesses: an element mask if both
-      dims are multiples of ``block_size``, else a block mask; pass it when both could fit.
+    budget: static ``BlockBudget`` (use ``block_budget``). An int is a per-layer total of
+      non-zero blocks: always enough for any placement (T = min(Kb, int), R = min(Nb, int)),
+      but the XLA path then pays T blocks in every column. ``None`` means the tightest
+      budget for a concrete mask (its largest column/row counts; each new count compiles
+      anew) or the full (Kb, Nb) budget for a traced one (exact, no speed-up on XLA).
+    block_mask: ``True`` if ``mask`` is a ``[Kb, Nb]`` block mask; default ``[K, N]``.
     frozen: return a ``FrozenBlockMeta`` (static slices at trace time); ``mask`` must then be
       concrete and ``budget`` is ignored.
+    max_blocks: alias of ``budget`` (the name the model layer uses).
 
   Returns:
     ``BlockMeta`` (or ``FrozenBlockMeta`` when ``frozen``).
@@ -259,8 +264,10 @@ def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
   check_block_size(block_size)
   if mask.ndim != 2:
     raise ValueError(f"mask must be 2-D ([K, N] or [Kb, Nb]); got shape {mask.shape}.")
-  if block_mask is None:
-    block_mask = bool(mask.shape[0] % block_size or mask.shape[1] % block_size)
+  if max_blocks is not None:
+    if budget is not None:
+      raise ValueError("pass the budget once: budget= or max_blocks=, not both.")
+    budget = max_blocks
   if block_mask:
     kb, nb = mask.shape
   else:
@@ -284,6 +291,8 @@ def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
       budget = BlockBudget(max(int(cols.max(initial=0)), 1), max(int(rows.max(initial=0)), 1))
   elif budget is None:
     budget = BlockBudget(kb, nb)
+  if isinstance(budget, (int, np.integer)):
+    budget = BlockBudget(int(budget), int(budget))
   t, r = int(min(max(budget[0], 1), kb)), int(min(max(budget[1], 1), nb))
   if concrete:
     over = [f"output block column {int(cols.argmax())} has {int(cols.max())} blocks"

@@ -135,7 +135,8 @@ def block_sparse_matmul(x: jax.Array, w_KxN: jax.Array, meta: BlockMeta | Frozen
   check_divisible(w_KxN.shape, meta.block_size)
   if tuple(w_KxN.shape) != tuple(meta.shape):
     raise ValueError(f"w has shape {tuple(w_KxN.shape)} but the metadata was built for "
-                     f"{tuple(meta.shape)}: build it from this weight's mask.")
+                     f"{tuple(meta.shape)}: build it from this weight's [K, N] mask (or pass "
+                     "block_mask=True to make_block_meta for a [Kb, Nb] block mask).")
   k, n = w_KxN.shape
   if x.shape[-1] != k:
     raise ValueError(f"x has {x.shape[-1]} features (shape {x.shape}) but w has K={k}.")

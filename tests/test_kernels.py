@@ -104,6 +104,21 @@ def test_make_block_meta_hand_computed():
   assert np.asarray(meta.block_mask_KbxNb).nonzero() == (np.array([1]), np.array([2]))
 
 
+def test_budget_forms_and_the_layer_call_style():
+  """``max_blocks=`` alias (as SparseDense calls it), int totals, and the default budgets."""
+  mask = np.zeros((64, 96), bool)
+  mask[:16, :16] = mask[32:48, :16] = mask[:16, 80:] = True  # blocks (0,0), (2,0), (0,5)
+  budget = kernels.block_budget(64, 96, 16, 0.5)
+  meta = kernels.make_block_meta(mask, block_size=16, max_blocks=budget)
+  assert meta.budget == (2, 6)
+  assert kernels.make_block_meta(mask, 16, 3).budget == (3, 3)  # int: per-layer total
+  assert kernels.make_block_meta(mask, 16).budget == (2, 2)  # concrete: tightest
+  traced = jax.jit(lambda m: kernels.make_block_meta(m, 16).col_kidx_NbxT)(mask)
+  assert traced.shape == (6, 4)  # traced, no budget: full Kb per column
+  with pytest.raises(ValueError, match="not both"):
+    kernels.make_block_meta(mask, 16, budget, max_blocks=budget)
+
+
 def test_block_budget():
   assert kernels.block_budget(1024, 4096, 128, 0.1) == (1, 32)
   assert kernels.block_budget(1024, 4096, 128, 0.25, row_slack=1) == (2, 9)
@@ -116,7 +131,9 @@ def test_block_budget():
 
 def test_non_divisible_shape_error_names_shape_block_and_fix():
   with pytest.raises(ValueError, match=r"K=100, N=64.*block_size=32.*pad"):
-    kernels.make_block_meta(np.ones((100, 64)), 32, block_mask=False)
+    kernels.make_block_meta(np.ones((100, 64)), 32)
+  with pytest.raises(ValueError, match="block_mask=True"):  # a block mask passed as [K, N]
+    kernels.make_block_meta(np.ones((3, 2)), 16)
   meta = kernels.make_block_meta(np.ones((2, 2), bool), 32, block_mask=True)
   with pytest.raises(ValueError, match=r"K=64, N=80.*block_size=32.*\(64, 96\)"):
     kernels.block_sparse_matmul(jnp.ones((4, 64)), jnp.ones((64, 80)), meta)
