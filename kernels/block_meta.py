@@ -233,8 +233,8 @@ def _first_true_indices(keep_AxC: jax.Array, width: int) -> tuple[jax.Array, jax
 
 def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
                     budget: BlockBudget | int | None = None, *, block_mask: bool = False,
-                    frozen: bool = False, max_blocks: BlockBudget | int | None = None
-                    ) -> BlockMeta | FrozenBlockMeta:
+                    frozen: bool = False, max_blocks: BlockBudget | int | None = None,
+                    on_overflow: str = "raise") -> BlockMeta | FrozenBlockMeta:
   """Builds block-sparse metadata from a mask; jittable, shapes fixed by the budget.
 
   Call it inside the jitted step, right where the (traced) mask is available, with a static
@@ -253,6 +253,9 @@ def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
     frozen: return a ``FrozenBlockMeta`` (static slices at trace time); ``mask`` must then be
       concrete and ``budget`` is ignored.
     max_blocks: alias of ``budget`` (the name the model layer uses).
+    on_overflow: ``"raise"`` (default) raises for a concrete mask that exceeds the budget;
+      ``"truncate"`` truncates it as a traced mask always is (e.g. an eager ``init`` with an
+      all-ones mask under a sparse budget).
 
   Returns:
     ``BlockMeta`` (or ``FrozenBlockMeta`` when ``frozen``).
@@ -264,6 +267,8 @@ def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
   check_block_size(block_size)
   if mask.ndim != 2:
     raise ValueError(f"mask must be 2-D ([K, N] or [Kb, Nb]); got shape {mask.shape}.")
+  if on_overflow not in ("raise", "truncate"):
+    raise ValueError(f"on_overflow={on_overflow!r}: use 'raise' or 'truncate'.")
   if max_blocks is not None:
     if budget is not None:
       raise ValueError("pass the budget once: budget= or max_blocks=, not both.")
@@ -294,17 +299,19 @@ def make_block_meta(mask: jax.Array | np.ndarray, block_size: int,
   if isinstance(budget, (int, np.integer)):
     budget = BlockBudget(int(budget), int(budget))
   t, r = int(min(max(budget[0], 1), kb)), int(min(max(budget[1], 1), nb))
-  if concrete:
-    over = [f"output block column {int(cols.argmax())} has {int(cols.max())} blocks"
-            for _ in range(1) if cols.max(initial=0) > t]
-    over += [f"block row {int(rows.argmax())} has {int(rows.max())} blocks"
-             for _ in range(1) if rows.max(initial=0) > r]
+  if concrete and on_overflow == "raise":
+    over = []
+    if cols.max(initial=0) > t:
+      over.append(f"output block column {int(cols.argmax())} has {int(cols.max())} blocks")
+    if rows.max(initial=0) > r:
+      over.append(f"block row {int(rows.argmax())} has {int(rows.max())} blocks")
     if over:
       raise ValueError(
           f"block mask ({kb}x{nb} blocks of {block_size}) exceeds the budget "
           f"BlockBudget(max_per_col={t}, max_per_row={r}): {' and '.join(over)}. Raise "
           f"the budget (block_budget(..., col_slack=..., row_slack=None)) or cap the mask "
-          f"per column (column_topk_block_mask).")
+          f"per column (column_topk_block_mask), or pass on_overflow='truncate'.")
+  if concrete:
     m_KbxNb = jnp.asarray(m_np)
   else:
     m_KbxNb = (mask != 0) if block_mask else pool_block_mask(mask, block_size)

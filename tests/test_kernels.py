@@ -41,28 +41,34 @@ def _masks(kb, nb, rng):
   return out + [holes]
 
 
-def _check_backend(backend, interpret, lead, k, n, b, dtype, seed):
+def _check_backend(backend, interpret, lead, k, n, b, dtype, seed, full_budget=False):
+  """One compiled program, several masks; the budget is one short of full unless asked, so
+  dense masks are truncated (the oracle then uses ``meta.block_mask_KbxNb``)."""
   rng = np.random.default_rng(seed)
   kb, nb = k // b, n // b
+  budget = BlockBudget(kb, nb) if full_budget else BlockBudget(max(kb - 1, 1), max(nb - 1, 1))
   x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
   w = jnp.asarray(rng.standard_normal((k, n)), dtype)
   ct = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
 
   @jax.jit
   def run(x, w, ct, mask_KbxNb):
-    meta = kernels.make_block_meta(mask_KbxNb, b, BlockBudget(kb, nb), block_mask=True)
+    meta = kernels.make_block_meta(mask_KbxNb, b, budget, block_mask=True)
     f = lambda x, w: kernels.block_sparse_matmul(x, w, meta, backend=backend,
                                                  interpret=interpret)
     y, vjp = jax.vjp(f, x, w)
-    return (y, *vjp(ct))
+    return (y, *vjp(ct)), meta.block_mask_KbxNb
 
   for mask in _masks(kb, nb, rng):
-    got = run(x, w, ct, mask)
-    want = _oracle(x, w, mask, b, ct)
+    got, kept = run(x, w, ct, mask)
+    kept = np.asarray(kept)
+    fits = (mask.sum(0) <= budget[0]).all() and (mask.sum(1) <= budget[1]).all()
+    assert (kept == mask).all() == fits and not (kept & ~mask).any()
+    want = _oracle(x, w, kept, b, ct)
     for name, g, r in zip(("y", "dx", "dw"), got, want):
       assert g.shape == r.shape and g.dtype == dtype, (name, g.shape, g.dtype)
       _close(g, r, dtype, f"{backend} {name} density={mask.mean():.2f}")
-    dw_outside = np.asarray(got[2], np.float32) * (1 - np.kron(mask, np.ones((b, b))))
+    dw_outside = np.asarray(got[2], np.float32) * (1 - np.kron(kept, np.ones((b, b))))
     assert not dw_outside.any(), "dW must be exactly zero outside the non-zero blocks"
   assert run._cache_size() == 1, "a new mask must not recompile"
 
@@ -83,7 +89,7 @@ def test_xla_random_shapes(seed):
   b = int(rng.choice([16, 32, 64]))
   lead = tuple(int(v) for v in rng.integers(1, 7, size=int(rng.integers(1, 3))))
   k, n = b * int(rng.integers(1, 5)), b * int(rng.integers(1, 5))
-  _check_backend("xla", False, lead, k, n, b, jnp.float32, seed)
+  _check_backend("xla", False, lead, k, n, b, jnp.float32, seed, full_budget=seed % 2 == 1)
 
 
 def test_make_block_meta_hand_computed():
@@ -150,6 +156,9 @@ def test_budget_overflow_raises_outside_jit():
   with pytest.raises(ValueError, match=r"max_per_col=2.*column 1 has 3 blocks"):
     kernels.make_block_meta(mask, 16, BlockBudget(2, 3), block_mask=True)
   kernels.make_block_meta(mask, 16, BlockBudget(3, 3), block_mask=True)  # fits
+  meta = kernels.make_block_meta(mask, 16, BlockBudget(2, 3), block_mask=True,
+                                 on_overflow="truncate")
+  assert int(meta.n_dropped) == 1 and not meta.block_mask_KbxNb[2, 1]
 
 
 @pytest.mark.parametrize("backend,interpret", [("xla", False), ("pallas_gpu", True)])
