@@ -7,37 +7,47 @@ Prints validation `loss`, `perplexity`, `bits_per_byte`, the run's `step`, cumul
 `flops` and mask `density`, and with --prompt a continuation (`sample`).
 """
 
+import argparse
 import json
+import os
+import sys
 
-from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by train.py.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_BATCHES = flags.DEFINE_integer("eval_batches", None, "Validation batches (default: the run's).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 100, "Tokens to generate after --prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; >0: sampling temperature.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="run folder written by train.py")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--eval_batches", type=int, default=None,
+                   help="validation batches (default: the run's train.eval_batches)")
+    p.add_argument("--prompt", default=None, help="text to continue")
+    p.add_argument("--num_tokens", type=int, default=100, help="tokens generated after --prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, >0: sampling")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return p.parse_args(argv)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from sparse_gpt import flops, sampling, trainer
-    config, data, model, eval_step, state = trainer.load_run(_WORKDIR.value, _STEP.value)
-    n = _BATCHES.value or config.train.eval_batches
+    args = parse(argv)
+    from sparse_gpt import checkpoint, flops, sampling, trainer
+    try:
+        config, data, model, eval_step, state = trainer.load_run(args.workdir, args.step)
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+        if os.environ.get("SPARSE_GPT_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
+    n = args.eval_batches or config.train.eval_batches
     out = trainer.evaluate(eval_step, state, data.val_batches(n), data.bytes_per_token)
     out.update(step=int(state.step), flops=float(state.flops),
                density=float(flops.density(state.masks)))
-    if _PROMPT.value is not None:
+    if args.prompt is not None:
         tokens = sampling.generate(model, state.params, state.masks,
-                                   data.tokenizer.encode(_PROMPT.value), _NUM_TOKENS.value,
-                                   temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                   seed=_SEED.value, vocab_size=data.tokenizer.vocab_size)
-        out["prompt"], out["sample"] = _PROMPT.value, data.tokenizer.decode(tokens)
+                                   data.tokenizer.encode(args.prompt), args.num_tokens,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   seed=args.seed, vocab_size=data.tokenizer.vocab_size)
+        out["prompt"], out["sample"] = args.prompt, data.tokenizer.decode(tokens)
     print(json.dumps(out))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main(sys.argv[1:])

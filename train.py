@@ -8,28 +8,30 @@ Re-running the same command resumes from the newest checkpoint in --workdir.
 """
 
 import os
-
-from absl import app, flags
-from ml_collections import config_flags
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "sparse_gpt", "config.py") + ":tiny",
-    "Config file and preset, PATH[:PRESET]; override fields with --config.KEY=VALUE.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run folder (checkpoints, metrics.jsonl, tensorboard/, sample.txt); "
-    "default runs/<preset>-<method>.")
+import sys
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from sparse_gpt import trainer  # after flag parsing: keeps --help fast
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join(
+    from sparse_gpt import cli
+    try:
+        config, args = cli.parse_args(argv, description=__doc__.splitlines()[0])
+    except ValueError as e:  # bad preset, path or override: one clear line, no traceback
+        sys.exit(f"error: {e}")
+    import jax
+    # Re-running a command (e.g. to resume) reuses the compiled steps of the previous run.
+    jax.config.update("jax_compilation_cache_dir", os.environ.get(
+        "SPARSE_GPT_JAX_CACHE", os.path.expanduser("~/.cache/sparse_gpt/jax")))
+    from sparse_gpt import checkpoint, trainer
+    workdir = args.workdir or os.path.join(
         "runs", f"{config.get('preset', 'custom')}-{config.sparsity.method}")
-    result = trainer.train(config, workdir)
+    try:
+        result = trainer.train(config, workdir)
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointError,
+            trainer.NonFiniteLossError) as e:
+        # Bad input and stopped runs explain themselves; set SPARSE_GPT_TRACEBACK=1 for more.
+        if os.environ.get("SPARSE_GPT_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
     val = result.get("val") or {}
     print(f"done: step {result.get('step')} train loss {result.get('loss', float('nan')):.4f} "
           f"val loss {val.get('loss', float('nan')):.4f} "
@@ -37,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main(sys.argv[1:])

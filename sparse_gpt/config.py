@@ -153,7 +153,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         c.model.vocab_size = 256 + 8   # 256 bytes + end-of-text, padded to a multiple of 8
         c.data.tokenizer = "byte"
         c.data.seq_len = 128
-        c.train.update(batch_size=16, num_steps=1500, lr=3e-3, warmup_steps=100,
+        c.train.update(batch_size=16, num_steps=1000, lr=3e-3, warmup_steps=100,
                        weight_decay=0.1, log_every=25, eval_every=250, eval_batches=8,
                        checkpoint_every=250)
         c.sparsity.block_size = 32

@@ -272,17 +272,18 @@ def build_dataset(data_config, tokenizer=None) -> TextCorpus:
     # TFDS's progress bars and "custom data configuration" warnings would drown the
     # training progress bar (TFDS still prints one line when it prepares a new cache).
     tfds.disable_progress_bar()
+    config = _config_for(data_config)
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        builder = TextCorpus(config=_config_for(data_config),
-                             data_dir=resolve_data_dir(data_config), file_format="array_record")
+        builder = TextCorpus(config=config, data_dir=resolve_data_dir(data_config),
+                             file_format="array_record")
         builder.tokenizer = tokenizer
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except Exception:
         # TFDS removes its incomplete folder but leaves the config's: don't litter the cache.
-        config_dir = os.path.dirname(builder.data_dir)
+        config_dir = os.path.join(resolve_data_dir(data_config), TextCorpus.name, config.name)
         if os.path.isdir(config_dir) and not os.listdir(config_dir):
             os.rmdir(config_dir)
         raise

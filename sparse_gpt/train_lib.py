@@ -142,7 +142,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                 dense_step, dense_grads, masked_grads, state.params, state.masks, batch)
         else:
             loss, grads, score_grads = masked_grads(state.params, state.masks, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = apply_masks(optax.apply_updates(state.params, updates), state.masks)
         params, masks, opt_state = method.update(state.step, params, state.masks, score_grads,
