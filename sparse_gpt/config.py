@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
         structure="unstructured",  # unstructured | block | nm
         block_size=128,          # block edge for structure=block (square blocks; must divide
                                  # every sparse kernel dim)
+        block_balance="column",  # structure=block: column (same live blocks in every output
+                                 # block column, needed by model.matmul=block_sparse) | none
         nm_n=2,                  # N of N:M structure (groups of M along the input axis);
         nm_m=4,                  # with structure=nm, density must equal nm_n / nm_m
         sparse_layers="attn/qkv,attn/out,mlp/fc,mlp/proj",  # path patterns of sparse kernels

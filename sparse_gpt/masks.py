@@ -15,7 +15,8 @@ Conventions (every sparsity module relies on them):
   contiguous run of the path's components: ``attn/qkv`` and ``qkv`` both match
   ``blocks/attn/qkv/kernel``; ``mlp/*`` matches both MLP kernels.
 * Structures: ``unstructured``; ``block`` (a ``bk x bn`` tile is live or dead as a whole, the
-  kernels/ backend turns it into block metadata); ``nm`` (exactly n live weights in every
+  kernels/ backend turns it into block metadata; optionally *column-balanced*, the same
+  number of live blocks in every output block column); ``nm`` (exactly n live weights in every
   group of m consecutive weights along the input axis K, the axis NVIDIA's 2:4 sparse tensor
   cores reduce over). Block and N:M masks are stored at element resolution, so the model
   never needs to know which structure produced them.
@@ -34,6 +35,7 @@ import numpy as np
 
 Tree = Any
 STRUCTURES = ("unstructured", "block", "nm")
+BALANCES = ("none", "column")
 DISTRIBUTIONS = ("uniform", "erk", "explicit")
 
 
@@ -145,12 +147,24 @@ def apply_masks(params: Tree, masks: Tree) -> Tree:
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
-    """How a mask is constrained. ``block`` is ``(bk, bn)``; ``n``/``m`` are N:M's numbers."""
+    """How a mask is constrained.
+
+    Attributes:
+      kind: ``unstructured`` | ``block`` | ``nm``.
+      block: block shape ``(bk, bn)`` for ``block``.
+      n: live weights per N:M group.
+      m: N:M group length (along the input axis K).
+      balance: ``block`` only. ``none``: a matrix keeps its best blocks wherever they are;
+        ``column``: every output block column keeps the same number of blocks, which is what
+        the block-sparse kernels' static per-column budget needs (``model.matmul=
+        block_sparse``).
+    """
 
     kind: str = "unstructured"
     block: tuple[int, int] = (128, 128)
     n: int = 2
     m: int = 4
+    balance: str = "none"
 
     def __post_init__(self):
         if self.kind not in STRUCTURES:
@@ -159,6 +173,9 @@ class Structure:
         if self.kind == "block" and min(self.block) < 1:
             raise ValueError(f"Block shape {self.block} must be positive "
                              "(--config.sparsity.block_size).")
+        if self.balance not in BALANCES:
+            raise ValueError(f"Unknown block balance {self.balance!r}; choose one of "
+                             f"{', '.join(BALANCES)} (--config.sparsity.block_balance).")
         if self.kind == "nm" and not 0 < self.n <= self.m:
             raise ValueError(f"N:M structure needs 0 < N <= M, got N={self.n}, M={self.m}; "
                              "set --config.sparsity.nm_n below or equal to nm_m.")
@@ -177,11 +194,21 @@ class Structure:
                              f"divide K={k}; choose --config.sparsity.nm_m dividing {k}.")
 
     def units(self, shape: tuple[int, ...]) -> int:
-        """Number of selectable units (weights or blocks) in one ``[K, N]`` matrix."""
+        """Units (weights or blocks) per selection row: counts are per row, see prune.to_rows."""
         k, n = shape[-2:]
+        if self.kind == "nm":
+            return self.m
         if self.kind == "block":
-            return (k // self.block[0]) * (n // self.block[1])
+            kb = k // self.block[0]
+            return kb if self.balance == "column" else kb * (n // self.block[1])
         return k * n
+
+    def relaxed(self) -> "Structure":
+        """The structure with per-row constraints lifted (N:M -> unstructured, column-balanced
+        blocks -> per-matrix blocks): dynamic methods drop under it, then regrow per row."""
+        if self.kind == "nm":
+            return UNSTRUCTURED
+        return dataclasses.replace(self, balance="none")
 
 
 UNSTRUCTURED = Structure()

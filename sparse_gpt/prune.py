@@ -11,9 +11,10 @@ Pruning only drops: a weight that is masked out never comes back through ``prune
 ``masks`` without a score are returned unchanged, which is how callers restrict an operation
 to the configured sparse layers.
 
-Structures (see masks.py): ``block`` ranks blocks by their mean element score and expands
-the block decision back to elements; ``nm`` keeps the ``n`` best live weights of every group
-of ``m`` along the input axis.
+Structures (see masks.py and :func:`to_rows`): ``block`` ranks blocks by their mean element
+score and expands the block decision back to elements (per matrix, or per output block
+column when column-balanced); ``nm`` keeps the ``n`` best live weights of every group of
+``m`` along the input axis.
 """
 
 from __future__ import annotations
@@ -100,98 +101,123 @@ def select_rows(scores_LxS, eligible_LxS, k_L) -> jax.Array:
     return jax.vmap(select_top)(scores_LxS, eligible_LxS, k_L)
 
 
-def to_units(x: jax.Array, structure: Structure, reduce: str) -> jax.Array:
-    """``[..., K, N]`` -> ``[L, U]``: one row of selectable units (weights or blocks) per matrix."""
+def to_rows(x: jax.Array, structure: Structure, reduce: str) -> jax.Array:
+    """``[..., K, N]`` -> ``[R, U]``: the selection rows of a leaf under ``structure``.
+
+    Counts (kept, grown) are per row, so a row is the set inside which units compete:
+
+    * ``unstructured``: one row per matrix, ``U = K * N`` weights;
+    * ``block``, ``balance="none"``: one row per matrix, ``U = Kb * Nb`` blocks;
+    * ``block``, ``balance="column"``: one row per (matrix, output block column),
+      ``U = Kb`` blocks - equal work per output column, as the block-sparse kernels'
+      per-column budget requires;
+    * ``nm``: one row per group of ``m`` consecutive inputs, ``U = m``.
+
+    Element values are pooled into blocks with ``reduce`` (``mean`` for scores, ``all`` for
+    masks). Rows are ordered matrix-major, so a per-matrix count ``[L]`` repeats over the
+    rows of each matrix.
+    """
+    if structure.kind == "nm":
+        *lead, k, n = x.shape
+        x = x.reshape(*lead, k // structure.m, structure.m, n)
+        return jnp.swapaxes(x, -1, -2).reshape(-1, structure.m)
     if structure.kind == "block":
         x = masks_lib.pool(x, structure.block, reduce)
+        if structure.balance == "column":
+            return jnp.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
     return x.reshape(-1, x.shape[-2] * x.shape[-1])
 
 
-def from_units(u_LxU: jax.Array, shape: tuple[int, ...], structure: Structure) -> jax.Array:
-    """Inverse of :func:`to_units` for masks: back to an element mask of ``shape``."""
-    if structure.kind == "block":
-        bk, bn = structure.block
-        u = u_LxU.reshape(*shape[:-2], shape[-2] // bk, shape[-1] // bn)
-        return masks_lib.expand(u, structure.block)
-    return u_LxU.reshape(shape)
-
-
-def nm_groups(x_KxN: jax.Array, m: int) -> jax.Array:
-    """``[..., K, N]`` -> ``[G, m]``: each row one N:M group (m consecutive inputs)."""
-    *lead, k, n = x_KxN.shape
-    x = x_KxN.reshape(*lead, k // m, m, n)
-    return jnp.swapaxes(x, -1, -2).reshape(-1, m)
-
-
-def nm_ungroup(g_Gxm: jax.Array, shape: tuple[int, ...], m: int) -> jax.Array:
-    """Inverse of :func:`nm_groups`."""
+def from_rows(rows_RxU: jax.Array, shape: tuple[int, ...], structure: Structure) -> jax.Array:
+    """Inverse of :func:`to_rows` for masks: back to an element mask of ``shape``."""
     *lead, k, n = shape
-    return jnp.swapaxes(g_Gxm.reshape(*lead, k // m, n, m), -1, -2).reshape(shape)
+    if structure.kind == "nm":
+        g = rows_RxU.reshape(*lead, k // structure.m, n, structure.m)
+        return jnp.swapaxes(g, -1, -2).reshape(shape)
+    if structure.kind == "block":
+        kb, nb = k // structure.block[0], n // structure.block[1]
+        if structure.balance == "column":
+            u = jnp.swapaxes(rows_RxU.reshape(*lead, nb, kb), -1, -2)
+        else:
+            u = rows_RxU.reshape(*lead, kb, nb)
+        return masks_lib.expand(u, structure.block)
+    return rows_RxU.reshape(shape)
 
 
-def matrix_keep_counts(masks: Tree, density, structure: Structure = UNSTRUCTURED) -> dict:
-    """path -> units each matrix keeps at ``density`` (a float, traced scalar or path map)."""
+def live_counts(masks: Tree, structure: Structure = UNSTRUCTURED) -> dict:
+    """path -> ``[R]`` int32 live units per selection row (see :func:`to_rows`)."""
+    return {p: jnp.sum(to_rows(m, structure, "all"), axis=-1, dtype=jnp.int32)
+            for p, m in masks_lib.flatten(masks).items()}
+
+
+def keep_counts(masks: Tree, density, structure: Structure = UNSTRUCTURED) -> dict:
+    """path -> units each selection row keeps at ``density`` (float, traced or path map).
+
+    ``nm`` keeps ``structure.n`` per group whatever the density.
+    """
     flat = masks_lib.flatten(masks)
     dens = masks_lib.flatten(density) if isinstance(density, Mapping) else None
-    return {p: masks_lib.n_keep(density if dens is None else dens[p], structure.units(m.shape))
-            for p, m in flat.items() if dens is None or p in dens}
+    out = {}
+    for p, m in flat.items():
+        if dens is not None and p not in dens:
+            continue
+        d = density if dens is None else dens[p]
+        out[p] = structure.n if structure.kind == "nm" else masks_lib.n_keep(
+            d, structure.units(m.shape))
+    return out
+
+
+def per_row(count, rows: int) -> jax.Array:
+    """A count (scalar, per matrix ``[L, ...]`` or per row ``[R]``) broadcast to ``[R]``."""
+    c = jnp.reshape(jnp.asarray(count, jnp.int32), (-1,))
+    if c.shape[0] == 1:
+        return jnp.broadcast_to(c, (rows,))
+    if rows % c.shape[0]:
+        raise ValueError(f"{c.shape[0]} counts do not map onto {rows} selection rows.")
+    return jnp.repeat(c, rows // c.shape[0])
 
 
 # ----------------------------------------------------------------------------- prune
 
 def prune_to_count(masks: Tree, scores: Tree, keep, structure: Structure = UNSTRUCTURED) -> Tree:
-    """Keeps the ``keep`` best live units of every matrix of every scored leaf.
+    """Keeps the ``keep`` best live units of every selection row of every scored leaf.
 
     Args:
       masks: mask tree.
       scores: score tree on (a subset of) the mask paths.
-      keep: units kept per matrix: an int, a traced scalar, an array of the leaf's leading
-        (layer) shape, or a path -> count map of those. Units are weights, or blocks for
-        ``structure.kind == "block"``.
-      structure: ``unstructured`` or ``block`` (use :func:`prune_nm` for N:M).
+      keep: units kept per row (see :func:`to_rows`): an int, a traced scalar, an array
+        per matrix (the leaf's leading shape; repeated over the matrix's rows), an array per
+        row, or a path -> count map of those.
+      structure: how the mask is constrained.
 
     Returns:
       The new mask tree; unscored leaves unchanged.
     """
-    if structure.kind == "nm":
-        raise ValueError("prune_to_count keeps a count per matrix; N:M keeps n per group: "
-                         "use prune_nm (or prune with the nm structure).")
     flat_m, flat_s = masks_lib.flatten(masks), masks_lib.flatten(scores)
-    keep_map = keep if isinstance(keep, Mapping) else None
     out = {}
     for p, s in flat_s.items():
         m = flat_m[p]
-        k = keep if keep_map is None else keep_map[p]
-        rows = select_rows(to_units(s, structure, "mean"), to_units(m, structure, "all"),
-                           jnp.reshape(jnp.asarray(k), (-1,)))
-        out[p] = from_units(rows, m.shape, structure)
-    return masks_lib.replace(masks, out)
-
-
-def prune_nm(masks: Tree, scores: Tree, n: int, m: int) -> Tree:
-    """Keeps the ``n`` best live weights in every group of ``m`` along the input axis."""
-    flat_m, flat_s = masks_lib.flatten(masks), masks_lib.flatten(scores)
-    out = {p: nm_ungroup(select_rows(nm_groups(s, m), nm_groups(flat_m[p], m), n),
-                         flat_m[p].shape, m) for p, s in flat_s.items()}
+        live = to_rows(m, structure, "all")
+        k = keep[p] if isinstance(keep, Mapping) else keep
+        rows = select_rows(to_rows(s, structure, "mean"), live, per_row(k, live.shape[0]))
+        out[p] = from_rows(rows, m.shape, structure)
     return masks_lib.replace(masks, out)
 
 
 def prune(masks: Tree, scores: Tree, density, structure: Structure = UNSTRUCTURED) -> Tree:
-    """Layer-wise drop: each matrix keeps ``n_keep(density, units)`` of its best live units.
+    """Layer-wise drop: each row keeps ``n_keep(density, units)`` of its best live units.
 
     Args:
       masks: mask tree.
       scores: score tree (e.g. :func:`magnitude`) on the leaves to prune.
       density: float, traced scalar, or a path -> density map (e.g. ERK densities).
-        Ignored for ``nm``, whose density is ``n / m`` by construction.
+        Ignored for ``nm``, which keeps ``n`` of every ``m``.
       structure: how the mask is constrained.
 
     Returns:
       The new mask tree.
     """
-    if structure.kind == "nm":
-        return prune_nm(masks, scores, structure.n, structure.m)
-    keep = matrix_keep_counts(masks_lib.subtree(masks, scores), density, structure)
+    keep = keep_counts(masks_lib.subtree(masks, scores), density, structure)
     return prune_to_count(masks, scores, keep, structure)
 
 
@@ -200,29 +226,24 @@ def prune_global(masks: Tree, scores: Tree, density,
     """Global drop: the best units over *all* scored leaves survive, ``density`` of them.
 
     Per-layer counts float; the total count is exact. Scores must be comparable across
-    layers (raw magnitudes are; use layer-wise :func:`prune` otherwise).
+    layers (raw magnitudes are; use layer-wise :func:`prune` otherwise). Unstructured or
+    unbalanced blocks only: N:M and column balance fix per-row counts, which global
+    ranking cannot keep.
     """
-    if structure.kind == "nm":
-        raise ValueError("Global pruning has no N:M form (N:M is per group); use "
-                         "--config.sparsity.prune_scope=layer with structure=nm.")
+    if structure.kind == "nm" or structure.balance == "column":
+        raise ValueError("Global pruning cannot keep N:M or column-balanced counts; use "
+                         "--config.sparsity.prune_scope=layer (or block_balance=none).")
     flat_m, flat_s = masks_lib.flatten(masks), masks_lib.flatten(scores)
     paths = sorted(flat_s)
-    units_s = [to_units(flat_s[p], structure, "mean").reshape(-1) for p in paths]
-    units_m = [to_units(flat_m[p], structure, "all").reshape(-1) for p in paths]
-    total = sum(u.shape[0] for u in units_s)
-    chosen = select_top(jnp.concatenate(units_s), jnp.concatenate(units_m),
+    rows_s = [to_rows(flat_s[p], structure, "mean") for p in paths]
+    rows_m = [to_rows(flat_m[p], structure, "all") for p in paths]
+    total = sum(r.size for r in rows_s)
+    chosen = select_top(jnp.concatenate([r.reshape(-1) for r in rows_s]),
+                        jnp.concatenate([r.reshape(-1) for r in rows_m]),
                         masks_lib.n_keep(density, total))
     out, start = {}, 0
-    for p, u in zip(paths, units_s):
-        rows = chosen[start:start + u.shape[0]].reshape(-1, u.shape[0] // _rows(flat_m[p]))
-        out[p] = from_units(rows, flat_m[p].shape, structure)
-        start += u.shape[0]
+    for p, r in zip(paths, rows_s):
+        out[p] = from_rows(chosen[start:start + r.size].reshape(r.shape), flat_m[p].shape,
+                           structure)
+        start += r.size
     return masks_lib.replace(masks, out)
-
-
-def _rows(x: jax.Array) -> int:
-    """Number of matrices in a leaf (product of its leading axes)."""
-    n = 1
-    for d in x.shape[:-2]:
-        n *= d
-    return n

@@ -1,7 +1,7 @@
 """Pure grow functions and the optimizer-moment reset that gives new weights a clean start.
 
-``masks' = regrow(masks, scores, n)`` turns on exactly ``n`` dead units per matrix (fewer only
-if fewer are dead), chosen by the best score among dead units with ties going to the lower
+``masks' = regrow(masks, scores, n)`` turns on exactly ``n`` dead units per selection row (a
+matrix, an output block column, or an N:M group; fewer only if fewer are dead), chosen by the best score among dead units with ties going to the lower
 flat index; live units stay live. Regrown weights start at zero: callers zero them with
 :func:`zero_entries` (a weight that was dropped and regrown in the same update must not keep
 its old value) and reset their optimizer moments with :func:`reset_moments`.
@@ -16,54 +16,39 @@ import jax.numpy as jnp
 
 from sparse_gpt import masks as masks_lib
 from sparse_gpt.masks import UNSTRUCTURED, Structure
-from sparse_gpt.prune import from_units, nm_groups, nm_ungroup, select_rows, to_units
+from sparse_gpt import prune as prune_lib
 
 Tree = Any
 
 
 def regrow(masks: Tree, scores: Tree, n=None, structure: Structure = UNSTRUCTURED) -> Tree:
-    """Turns on the ``n`` best-scoring dead units of every matrix of every scored leaf.
+    """Turns on the ``n`` best-scoring dead units of every selection row of every scored leaf.
 
     Args:
       masks: mask tree.
       scores: grow scores (random, ``|grad|``, ...) on (a subset of) the mask paths.
-      n: units grown per matrix: int, traced scalar, array of the leaf's leading (layer)
-        shape, or a path -> count map. Units are blocks for ``block``. For ``nm`` pass
-        ``None``: every group is refilled to ``structure.n`` live weights.
+      n: units grown per selection row (one row per matrix, per output block column for
+        column-balanced blocks, per group for N:M; see ``prune.to_rows``): int, traced
+        scalar, array per matrix or per row, or a path -> count map. ``None`` with ``nm``
+        refills every group to ``structure.n`` live weights.
       structure: how the mask is constrained.
 
     Returns:
       The new mask tree; unscored leaves unchanged.
     """
-    if structure.kind == "nm":
-        return regrow_nm(masks, scores, structure.n, structure.m)
-    if n is None:
-        raise ValueError("regrow needs n (units to grow per matrix) unless structure is nm.")
+    if n is None and structure.kind != "nm":
+        raise ValueError("regrow needs n (units to grow per row) unless structure is nm.")
     flat_m, flat_s = masks_lib.flatten(masks), masks_lib.flatten(scores)
     out = {}
     for p, s in flat_s.items():
         m = flat_m[p]
-        k = n[p] if isinstance(n, Mapping) else n
-        live = to_units(m, structure, "all")
-        new = select_rows(to_units(s, structure, "mean"), ~live, jnp.reshape(jnp.asarray(k), (-1,)))
-        out[p] = from_units(live | new, m.shape, structure)
-    return masks_lib.replace(masks, out)
-
-
-def regrow_nm(masks: Tree, scores: Tree, n: int, m: int) -> Tree:
-    """Refills every group of ``m`` (along the input axis) to ``n`` live weights.
-
-    Groups that already hold ``n`` or more are left as they are; the others gain their best
-    dead weights. After an unstructured drop this restores an exact N:M mask, and the number
-    grown equals the number dropped.
-    """
-    flat_m, flat_s = masks_lib.flatten(masks), masks_lib.flatten(scores)
-    out = {}
-    for p, s in flat_s.items():
-        live_Gxm = nm_groups(flat_m[p], m)
-        need_G = jnp.maximum(n - jnp.sum(live_Gxm, axis=-1, dtype=jnp.int32), 0)
-        new = select_rows(nm_groups(s, m), ~live_Gxm, need_G)
-        out[p] = nm_ungroup(live_Gxm | new, flat_m[p].shape, m)
+        live = prune_lib.to_rows(m, structure, "all")
+        if n is None:  # N:M refill: each group grows back to n
+            k = jnp.maximum(structure.n - jnp.sum(live, axis=-1, dtype=jnp.int32), 0)
+        else:
+            k = prune_lib.per_row(n[p] if isinstance(n, Mapping) else n, live.shape[0])
+        new = prune_lib.select_rows(prune_lib.to_rows(s, structure, "mean"), ~live, k)
+        out[p] = prune_lib.from_rows(live | new, m.shape, structure)
     return masks_lib.replace(masks, out)
 
 

@@ -54,10 +54,26 @@ def _counts(masks, paths=SPARSE):
     (dict(method="set", density=0.5, sparse_layers="attn/qkvv"), "matches no"),
     (dict(method="static", density=0.5, explicit_densities="mlp/*=0.1"), "distribution=expl"),
     (dict(method="gmp", density=0.5, update_start=30, update_end=20), "update_end"),
+    (dict(method="static", density=0.5, structure="block", block_balance="rows"),
+     "Unknown sparsity.block_balance"),
+    (dict(method="gmp", density=0.5, structure="block", prune_scope="global"),
+     "block_balance=none"),
 ])
 def test_build_rejects_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         methods.build(_config(**overrides))
+
+
+def test_block_sparse_matmul_needs_column_balanced_blocks():
+    c = _config(method="static", density=0.5)
+    c.model.matmul = "block_sparse"
+    with pytest.raises(ValueError, match="column-balanced"):
+        methods.build(c)
+    c.sparsity.update(structure="block", block_balance="none")
+    with pytest.raises(ValueError, match="column-balanced"):
+        methods.build(c)
+    c.sparsity.block_balance = "column"
+    assert methods.build(c).settings.structure.balance == "column"
 
 
 def test_build_returns_each_method():
@@ -171,9 +187,13 @@ def test_dynamic_methods_keep_counts_exact(name, structure, layers):
     assert changed > 0, "the topology should have evolved"
     sparse = [M.flatten(masks)[p] for p in m.sparse_paths(masks)]
     assert len(sparse) == len(layers.split(","))
-    if structure == "block":
-        for x in sparse:
+    if structure == "block":  # config default: column-balanced, as the kernels need
+        assert m.settings.structure.balance == "column"
+        for path, x in zip(m.sparse_paths(masks), sparse):
             assert bool(M.is_block_structured(x, (8, 8)))
+            per_col = np.asarray(x).reshape(N, x.shape[1] // 8, 8, -1, 8).all(
+                axis=(2, 4)).sum(axis=1)                      # [N, Nb] live blocks per column
+            assert (per_col == per_col[0, 0]).all(), path
     if structure == "nm":
         for x in sparse:
             assert bool(jnp.all(M.nm_group_counts(x, 4) == 2))

@@ -78,6 +78,28 @@ def test_block_prune_hand_computed():
     assert bool(M.is_block_structured(got, (4, 4)))
 
 
+def test_column_balanced_block_prune_and_regrow_hand_computed():
+    # Block means [[5, 1], [3, 2]] (4x4 blocks). Per matrix, 50% keeps 5 and 3 (both in
+    # column 0); column-balanced keeps the best block of *each* output column: 5 and 2.
+    w = jnp.kron(jnp.array([[5.0, 1.0], [3.0, 2.0]]), jnp.ones((4, 4)))
+    masks = {"k": jnp.ones((8, 8), bool)}
+    per_matrix = P.prune(masks, {"k": w}, 0.5, M.Structure("block", (4, 4)))["k"]
+    np.testing.assert_array_equal(per_matrix, M.expand(_mask([[1, 0], [1, 0]]), (4, 4)))
+    col = M.Structure("block", (4, 4), balance="column")
+    assert col.units((8, 8)) == 2 and col.relaxed() == M.Structure("block", (4, 4))
+    balanced = P.prune(masks, {"k": w}, 0.5, col)["k"]
+    np.testing.assert_array_equal(balanced, M.expand(_mask([[1, 0], [0, 1]]), (4, 4)))
+    np.testing.assert_array_equal(P.live_counts({"k": balanced}, col)["k"], [1, 1])
+    # Regrow one block per output column: column 0 can only take the bottom block, column 1
+    # takes its better dead block (score 2 beats 1).
+    live = M.expand(_mask([[1, 0], [0, 0]]), (4, 4))
+    g = jnp.kron(jnp.array([[9.0, 1.0], [3.0, 2.0]]), jnp.ones((4, 4)))
+    got = R.regrow({"k": live}, {"k": g}, 1, col)["k"]
+    np.testing.assert_array_equal(got, M.expand(_mask([[1, 0], [1, 1]]), (4, 4)))
+    with pytest.raises(ValueError, match="column-balanced"):
+        P.prune_global(masks, {"k": w}, 0.5, col)
+
+
 def test_nm_prune_hand_computed():
     # 2:4 along the input axis (down each column of the 4x4).
     got = P.prune(DENSE, P.magnitude({"k": W}, DENSE), None, M.Structure("nm", n=2, m=4))["k"]

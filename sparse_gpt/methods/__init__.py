@@ -49,7 +49,9 @@ def parse_settings(config) -> Settings:
     distribution = _choice("distribution", sp.distribution, masks_lib.DISTRIBUTIONS)
     kind = _choice("structure", sp.structure, masks_lib.STRUCTURES)
     structure = masks_lib.Structure(kind, (int(sp.block_size), int(sp.block_size)),
-                                    int(sp.nm_n), int(sp.nm_m))
+                                    int(sp.nm_n), int(sp.nm_m),
+                                    _choice("block_balance", sp.block_balance,
+                                            masks_lib.BALANCES) if kind == "block" else "none")
     explicit = masks_lib.parse_density_map(sp.explicit_densities)
     if explicit and distribution != "explicit":
         raise ValueError("explicit_densities is set but distribution is "
@@ -95,6 +97,14 @@ def _check_combination(s: Settings, config) -> None:
     if s.prune_scope == "global" and (s.method != "gmp" or s.distribution != "uniform"):
         raise ValueError("prune_scope=global ranks all layers together: it applies to "
                          "method=gmp with distribution=uniform only; set prune_scope=layer.")
+    if s.prune_scope == "global" and s.structure.balance == "column":
+        raise ValueError("prune_scope=global cannot keep column-balanced blocks; set "
+                         "--config.sparsity.block_balance=none or prune_scope=layer.")
+    if config.model.get("matmul", "masked") == "block_sparse" and (
+            s.structure.kind != "block" or s.structure.balance != "column"):
+        raise ValueError("model.matmul=block_sparse runs only column-balanced block masks; "
+                         "set --config.sparsity.structure=block (block_balance=column), or "
+                         "--config.model.matmul=masked.")
     if not 0.0 <= s.drop_fraction <= 1.0:
         raise ValueError(f"drop_fraction={s.drop_fraction} must be in [0, 1].")
     if s.update_every < 1:

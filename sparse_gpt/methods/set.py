@@ -16,7 +16,6 @@ from sparse_gpt import masks as masks_lib
 from sparse_gpt import prune as prune_lib
 from sparse_gpt import regrow as regrow_lib
 from sparse_gpt import schedules
-from sparse_gpt.masks import UNSTRUCTURED
 from sparse_gpt.methods.base import SparsityMethod
 
 
@@ -27,9 +26,11 @@ class SET(SparsityMethod):
     Per update and per matrix: ``live`` units, ``n_drop = round(f(step) * live)`` with
     ``f`` the drop fraction (cosine-decayed from ``drop_fraction`` to 0 at ``update_end``,
     or constant), keep the ``live - n_drop`` best by :meth:`drop_scores`, then grow
-    ``target - (live - n_drop)`` dead units by :meth:`grow_scores` (units just dropped may
-    come back, at zero). With ``structure=nm`` the drop is per weight and growth refills each
-    group to n, so the N:M pattern and the count are both kept.
+    dead units by :meth:`grow_scores` until every selection row is back at its target
+    (units just dropped may come back, at zero). For unstructured and per-matrix blocks the
+    row is the matrix, so ``n_drop`` units are regrown. With ``structure=nm`` (or
+    column-balanced blocks) the drop is per matrix over weights (blocks) and growth refills
+    each group (output block column), so the pattern and the count are both kept.
     """
 
     def init_masks(self, params, masks, rng):
@@ -56,23 +57,29 @@ class SET(SparsityMethod):
         return prune_lib.random_scores(rng, sub)
 
     def target_counts(self, step, live):
-        """Live units per matrix after the update; SET keeps the count: ``live``."""
+        """Live units per selection row after the update, from ``live`` (``[R]``) before it.
+
+        SET keeps the count. MST-style restoration returns more (growth exceeds the drop).
+        """
         del step
         return live
 
     def update_topology(self, step, params, masks, grads, opt_state, rng):
-        s = self.settings
+        structure = self.settings.structure
         sub = self.sparse_masks(masks)
-        # N:M drops single weights; growth then refills the groups (see class docstring).
-        drop_structure = UNSTRUCTURED if s.structure.kind == "nm" else s.structure
-        live = {p: jnp.sum(prune_lib.to_units(m, drop_structure, "all"), axis=-1,
-                           dtype=jnp.int32) for p, m in masks_lib.flatten(sub).items()}
+        # Drop per matrix under the relaxed structure (N:M -> weights, column-balanced ->
+        # per-matrix blocks), then grow per selection row back to the target, so the
+        # structure and the counts both hold after the update.
+        relaxed = structure.relaxed()
         frac = self.drop_fraction(step)
-        keep = {p: n - jnp.round(frac * n).astype(jnp.int32) for p, n in live.items()}
+        keep = {p: n - jnp.round(frac * n).astype(jnp.int32)
+                for p, n in prune_lib.live_counts(sub, relaxed).items()}
         dropped = prune_lib.prune_to_count(masks, self.drop_scores(params, grads, sub, rng),
-                                           keep, drop_structure)
-        target = {p: self.target_counts(step, n) for p, n in live.items()}
-        grow = {p: target[p] - keep[p] for p in live}
+                                           keep, relaxed)
+        before = prune_lib.live_counts(sub, structure)
+        after = prune_lib.live_counts(masks_lib.subtree(dropped, sub), structure)
+        grow = {p: jnp.maximum(self.target_counts(step, before[p]) - after[p], 0)
+                for p in before}
         new = regrow_lib.regrow(dropped, self.grow_scores(params, grads, sub, rng), grow,
-                                s.structure)
+                                structure)
         return self.commit(params, masks, new, opt_state)
