@@ -4,7 +4,8 @@ Every function here is pure and jittable with static shapes: the number of weigh
 a traced scalar (a scheduled density), because selection is done by ranking, never by
 ``lax.top_k`` with a data-dependent ``k``. Ranking orders by (live first, score descending,
 flat index ascending), so ties are broken deterministically towards the lower index and the
-kept count is exact: ``min(k, live)`` per matrix, never more, never fewer.
+kept count is exact: ``min(k, live)`` per selection row (a matrix, an output block column
+of a column-balanced block mask, or an N:M group; see :func:`to_rows`).
 
 Pruning only drops: a weight that is masked out never comes back through ``prune`` (that is
 ``regrow``'s job). Scores are trees holding one float array per mask leaf; leaves of

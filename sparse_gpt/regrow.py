@@ -1,8 +1,9 @@
 """Pure grow functions and the optimizer-moment reset that gives new weights a clean start.
 
 ``masks' = regrow(masks, scores, n)`` turns on exactly ``n`` dead units per selection row (a
-matrix, an output block column, or an N:M group; fewer only if fewer are dead), chosen by the best score among dead units with ties going to the lower
-flat index; live units stay live. Regrown weights start at zero: callers zero them with
+matrix, an output block column, or an N:M group; fewer only if fewer are dead), chosen by
+the best score among dead units with ties going to the lower flat index; live units stay
+live. Regrown weights start at zero: callers zero them with
 :func:`zero_entries` (a weight that was dropped and regrown in the same update must not keep
 its old value) and reset their optimizer moments with :func:`reset_moments`.
 """
