@@ -12,14 +12,31 @@ See ``kernels/block_meta.py`` for the budget and overflow rules and ``kernels/op
 the backends.
 """
 
-from kernels.block_meta import (BlockBudget, BlockMeta, FrozenBlockMeta, block_budget,
-                                column_topk_block_mask, expand_block_mask, make_block_meta,
-                                pool_block_mask)
+from kernels.block_meta import (
+    BlockBudget,
+    BlockMeta,
+    FrozenBlockMeta,
+    block_budget,
+    column_topk_block_mask,
+    expand_block_mask,
+    make_block_meta,
+    pool_block_mask,
+)
 from kernels.ops import BACKENDS, available_backends, block_sparse_matmul, resolve_backend
 from kernels.reference import reference_matmul
 
 __all__ = [
-    "BACKENDS", "BlockBudget", "BlockMeta", "FrozenBlockMeta", "available_backends",
-    "block_budget", "block_sparse_matmul", "column_topk_block_mask", "expand_block_mask",
-    "make_block_meta", "pool_block_mask", "reference_matmul", "resolve_backend",
+    "BACKENDS",
+    "BlockBudget",
+    "BlockMeta",
+    "FrozenBlockMeta",
+    "available_backends",
+    "block_budget",
+    "block_sparse_matmul",
+    "column_topk_block_mask",
+    "expand_block_mask",
+    "make_block_meta",
+    "pool_block_mask",
+    "reference_matmul",
+    "resolve_backend",
 ]

@@ -16,44 +16,44 @@ from kernels.block_meta import BlockMeta, FrozenBlockMeta, expand_block_mask
 
 
 def _dense_mask(meta: BlockMeta | FrozenBlockMeta, dtype) -> jax.Array:
-  m = meta.numpy() if isinstance(meta, FrozenBlockMeta) else meta.block_mask_KbxNb
-  return expand_block_mask(jnp.asarray(m).astype(dtype), meta.block_size)
+    m = meta.numpy() if isinstance(meta, FrozenBlockMeta) else meta.block_mask_KbxNb
+    return expand_block_mask(jnp.asarray(m).astype(dtype), meta.block_size)
 
 
 def reference_matmul(x: jax.Array, w_KxN: jax.Array, mask) -> jax.Array:
-  """Dense masked product, the oracle: ``x @ (w * m)`` with fp32 accumulation.
+    """Dense masked product, the oracle: ``x @ (w * m)`` with fp32 accumulation.
 
-  Args:
-    x: ``[..., K]`` activations.
-    w_KxN: ``[K, N]`` dense weight.
-    mask: a ``BlockMeta``/``FrozenBlockMeta`` (its block mask is expanded), or a ``[K, N]``
-      element mask used as is.
+    Args:
+      x: ``[..., K]`` activations.
+      w_KxN: ``[K, N]`` dense weight.
+      mask: a ``BlockMeta``/``FrozenBlockMeta`` (its block mask is expanded), or a ``[K, N]``
+        element mask used as is.
 
-  Returns:
-    ``[..., N]`` in the promoted dtype of ``x`` and ``w``.
-  """
-  if isinstance(mask, (BlockMeta, FrozenBlockMeta)):
-    m_KxN = _dense_mask(mask, w_KxN.dtype)
-  else:
-    m_KxN = jnp.asarray(mask).astype(w_KxN.dtype)
-  out_dtype = jnp.result_type(x, w_KxN)
-  y = jnp.matmul(x, w_KxN * m_KxN, preferred_element_type=jnp.float32)
-  return y.astype(out_dtype)
+    Returns:
+      ``[..., N]`` in the promoted dtype of ``x`` and ``w``.
+    """
+    if isinstance(mask, (BlockMeta, FrozenBlockMeta)):
+        m_KxN = _dense_mask(mask, w_KxN.dtype)
+    else:
+        m_KxN = jnp.asarray(mask).astype(w_KxN.dtype)
+    out_dtype = jnp.result_type(x, w_KxN)
+    y = jnp.matmul(x, w_KxN * m_KxN, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
 
 
 def matmul(x_MxK, w_KxN, meta, out_dtype):
-  """Forward through the dense oracle (backend interface)."""
-  w = w_KxN * _dense_mask(meta, w_KxN.dtype)
-  return jnp.dot(x_MxK, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    """Forward through the dense oracle (backend interface)."""
+    w = w_KxN * _dense_mask(meta, w_KxN.dtype)
+    return jnp.dot(x_MxK, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def matmul_t(dy_MxN, w_KxN, meta, out_dtype):
-  """dX = dY @ (w * m)^T through the dense oracle (backend interface)."""
-  w = w_KxN * _dense_mask(meta, w_KxN.dtype)
-  return jnp.dot(dy_MxN, w.T, preferred_element_type=jnp.float32).astype(out_dtype)
+    """dX = dY @ (w * m)^T through the dense oracle (backend interface)."""
+    w = w_KxN * _dense_mask(meta, w_KxN.dtype)
+    return jnp.dot(dy_MxN, w.T, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def sddmm(x_MxK, dy_MxN, meta, out_dtype):
-  """dW = (x^T @ dY) * m through the dense oracle (backend interface)."""
-  dw = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32)
-  return (dw * _dense_mask(meta, jnp.float32)).astype(out_dtype)
+    """dW = (x^T @ dY) * m through the dense oracle (backend interface)."""
+    dw = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32)
+    return (dw * _dense_mask(meta, jnp.float32)).astype(out_dtype)
