@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
         sample_tokens=200,       # length of the text sample written at the end
         sample_prompt="ROMEO:",
         progress_bar=True,
+        # A fresh run starts from these weights: a Hugging Face GPT-2 folder (config.json +
+        # model.safetensors) or a sparse_gpt workdir. Params only: optimizer state fresh,
+        # masks from the method's init on them. Ignored once the workdir has a checkpoint.
+        init_from="",
     ))
 
     c.sparsity = ml_collections.ConfigDict(dict(

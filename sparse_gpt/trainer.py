@@ -77,7 +77,11 @@ def restore_or_init(config, workdir: str, model, init, data_iter):
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.train.keep_checkpoints)
     if ckpt.latest_step() is None:
-        return init(rng), ckpt, meta
+        state = init(rng)
+        if config.train.get("init_from"):  # a fresh run starting from other weights
+            from sparse_gpt import init_from
+            state = init_from.warm_start(config, model, state, rng)
+        return state, ckpt, meta
     state, data_state, _ = ckpt.restore(abstract, meta)
     data_iter.set_state(data_state)
     return state, ckpt, meta
