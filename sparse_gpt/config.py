@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
         data_dir="",             # TFDS cache; "" -> $SPARSE_GPT_DATA_DIR or ~/.cache/sparse_gpt/tfds
         seed=0,                  # shuffling seed
         num_workers=0,           # grain worker processes (0: in-process)
+        format="text",           # text | sft: {"prompt","response"} JSONL, loss on the response
+                                 # only (one padded example per row; see sparse_gpt/sft.py)
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -12,7 +12,9 @@ One call gives everything training and evaluation need::
 Sources (``config.data.path``): "" is the bundled Shakespeare corpus
 (``sparse_gpt/corpus/shakespeare.jsonl.gz``, 42 works); otherwise a file or a folder (searched
 recursively) of ``.txt`` (one document per file) and ``.jsonl`` (one ``{"text": ...}`` document
-per line) files, optionally gzipped.
+per line) files, optionally gzipped. ``config.data.format = "sft"`` reads ``{"prompt": ...,
+"response": ...}`` JSONL instead: one padded example per row, loss weights 0 on the prompt
+(``sft.py``); shuffling, batching and resuming are the same.
 
 The ``TextCorpus`` TFDS builder splits documents into train/validation by a hash of each
 document's id (``relative/path:line``), so adding files never moves existing documents. Each
@@ -39,6 +41,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sparse_gpt import sft
 from sparse_gpt.tokenizers import get_tokenizer
 
 BUNDLED_CORPUS = os.path.join(os.path.dirname(__file__), "corpus", "shakespeare.jsonl.gz")
@@ -177,6 +180,7 @@ class TextCorpusConfig(tfds.core.BuilderConfig):
     bpe_dir: str = ""
     seq_len: int = 256
     val_fraction: float = 0.05
+    format: str = "text"         # text | sft (prompt/response JSONL, see sft.py)
 
 
 def _config_for(data_config) -> TextCorpusConfig:
@@ -190,19 +194,30 @@ def _config_for(data_config) -> TextCorpusConfig:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}; "
                          f"e.g. --config.data.val_fraction=0.05.")
     tokenizer = str(data_config.tokenizer).strip().lower()
+    fmt = str(getattr(data_config, "format", "text") or "text").strip().lower()
+    if fmt not in sft.FORMATS:
+        raise ValueError(f"Unknown data.format {fmt!r}; choose one of {', '.join(sft.FORMATS)} "
+                         "(--config.data.format=sft for prompt/response JSONL).")
+    if fmt == "sft" and not data_config.path:
+        raise ValueError("data.format=sft needs --config.data.path: a .jsonl file or folder of "
+                         "{\"prompt\": ..., \"response\": ...} lines.")
     path = data_config.path or BUNDLED_CORPUS
     root, files = list_source_files(path)
     stat = [os.stat(os.path.join(root, f)) for f in files]
     fingerprint = [[os.path.join(root, f), st.st_size, st.st_mtime_ns]
                    for f, st in zip(files, stat)]
-    key = json.dumps(dict(files=fingerprint, tokenizer=tokenizer, seq_len=seq_len,
-                          val_fraction=val_fraction), sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = dict(files=fingerprint, tokenizer=tokenizer, seq_len=seq_len,
+               val_fraction=val_fraction)
+    if fmt != "text":
+        key["format"] = fmt  # only here, so text datasets keep their cache names
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return TextCorpusConfig(
-        name=f"{tokenizer}_L{seq_len}_{digest}", version=TextCorpus.VERSION,
+        name=f"{'sft_' if fmt == 'sft' else ''}{tokenizer}_L{seq_len}_{digest}",
+        version=TextCorpus.VERSION,
         description=f"{path} | tokenizer={tokenizer} seq_len={seq_len} val={val_fraction}",
         files=tuple(files), root=root, tokenizer=tokenizer,
-        bpe_dir=getattr(data_config, "bpe_dir", ""), seq_len=seq_len, val_fraction=val_fraction)
+        bpe_dir=getattr(data_config, "bpe_dir", ""), seq_len=seq_len, val_fraction=val_fraction,
+        format=fmt)
 
 
 class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -218,12 +233,15 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
+        features = {"tokens": tfds.features.Tensor(shape=(cfg.seq_len + 1,), dtype=np.int32,
+                                                   encoding=tfds.features.Encoding.BYTES)}
+        if cfg.format == "sft":  # per-token loss weights (0 on prompt and padding)
+            features["weights"] = tfds.features.Tensor(
+                shape=(cfg.seq_len + 1,), dtype=np.float32, encoding=tfds.features.Encoding.BYTES)
         return tfds.core.DatasetInfo(
             builder=self,
             description="Packed token sequences of local text documents (sparse_gpt.data).",
-            features=tfds.features.FeaturesDict({
-                "tokens": tfds.features.Tensor(shape=(cfg.seq_len + 1,), dtype=np.int32,
-                                               encoding=tfds.features.Encoding.BYTES)}),
+            features=tfds.features.FeaturesDict(features),
             # Record i is sequence i: tests and reproducibility rely on the stored order.
             disable_shuffling=True,
             # Per-split byte/token counts, read back for bits-per-byte.
@@ -234,24 +252,29 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # nothing is downloaded
         cfg = self.builder_config
         tok = self.tokenizer or get_tokenizer(cfg)
-        docs = read_documents(cfg.root, cfg.files)
+        is_sft = cfg.format == "sft"
+        docs = (sft.read_examples if is_sft else read_documents)(cfg.root, cfg.files)
         splits = split_documents(docs, cfg.val_fraction)
         generators, stats = {}, {}
         for split, split_docs in zip(("train", "validation"), splits):
-            seqs, stats[split] = pack(split_docs, tok, cfg.seq_len)
+            if is_sft:
+                seqs, weights, stats[split] = sft.pad_examples(split_docs, tok, cfg.seq_len)
+            else:
+                (seqs, stats[split]), weights = pack(split_docs, tok, cfg.seq_len), None
             if len(seqs) == 0:
                 raise ValueError(
                     f"The {split} split of {cfg.root} holds {stats[split]['tokens']} tokens "
                     f"({len(split_docs)} documents), fewer than one sequence of seq_len + 1 = "
                     f"{cfg.seq_len + 1}. Add text, lower --config.data.seq_len, or change "
                     f"--config.data.val_fraction (now {cfg.val_fraction}).")
-            generators[split] = self._generate_examples(seqs)
+            generators[split] = self._generate_examples(seqs, weights)
         self.info.metadata["splits"] = stats
         return generators
 
-    def _generate_examples(self, seqs_NxL1: np.ndarray):
+    def _generate_examples(self, seqs_NxL1: np.ndarray, weights_NxL1: np.ndarray | None):
         for i, seq in enumerate(seqs_NxL1):
-            yield i, {"tokens": seq}
+            yield i, ({"tokens": seq} if weights_NxL1 is None else
+                      {"tokens": seq, "weights": weights_NxL1[i]})
 
 
 def build_dataset(data_config, tokenizer=None) -> TextCorpus:
@@ -294,8 +317,11 @@ def build_dataset(data_config, tokenizer=None) -> TextCorpus:
 
 def _to_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
     tokens = np.asarray(record["tokens"], dtype=np.int32)
-    return {"inputs": tokens[:-1], "targets": tokens[1:],
-            "weights": np.ones(tokens.shape[0] - 1, dtype=np.float32)}
+    if "weights" in record:  # sft: a token's weight says whether it is a trained target
+        weights = np.asarray(record["weights"], dtype=np.float32)[1:]
+    else:
+        weights = np.ones(tokens.shape[0] - 1, dtype=np.float32)
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": weights}
 
 
 def _grain_seed(seed: int) -> int:
