@@ -11,17 +11,53 @@ parameter layout:
   topology change never recompiles. Requires a block-structured mask.
 
 A model applied without a ``masks`` collection (or a layer without a mask leaf) is dense.
+
+Sharding: every param names its logical axes where it is created (``kernel_axes`` here, the
+embeddings and LayerNorms in model.py) through :func:`logical_init`. Plain ``init`` returns
+plain arrays; under :func:`boxed_axes` the same initializers return
+``nn.LogicallyPartitioned`` boxes, which is how ``sharding.py`` reads the names with
+``jax.eval_shape`` (masks get their kernel's names, so they always shard like their params).
+The block-sparse kernel is a custom call XLA cannot partition, so on a mesh it runs inside
+``shard_map``: rows split over the batch axes, the weight and mask whole on every device.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 Initializer = Callable[..., jax.Array]
+LogicalAxes = Sequence[str | None]
+
+_BOXED = contextvars.ContextVar("sparse_gpt_boxed_axes", default=False)
+
+
+@contextlib.contextmanager
+def boxed_axes() -> Iterator[None]:
+    """While active, :func:`logical_init` initializers return ``nn.LogicallyPartitioned``.
+
+    Used (under ``jax.eval_shape``) to read every variable's logical axis names; outside it
+    ``init`` returns plain arrays, so no other code ever sees a box.
+    """
+    token = _BOXED.set(True)
+    try:
+        yield
+    finally:
+        _BOXED.reset(token)
+
+
+def logical_init(init: Initializer, names: LogicalAxes) -> Initializer:
+    """Tags an initializer with the logical axis names of the array it makes."""
+    def init_fn(*args, **kwargs):
+        value = init(*args, **kwargs)
+        return nn.LogicallyPartitioned(value, tuple(names)) if _BOXED.get() else value
+    return init_fn
 
 
 class SparseDense(nn.Module):
@@ -37,6 +73,8 @@ class SparseDense(nn.Module):
       block_size: block edge of the block-sparse path.
       block_density: upper bound of this layer's density; sets the static block budget.
       kernel_backend: backend of kernels.block_sparse_matmul ("auto", "xla", ...).
+      kernel_axes: logical axis names of the [K, N] kernel (and of its mask; the bias gets
+        the N name).
     """
     features: int
     use_bias: bool = True
@@ -47,15 +85,17 @@ class SparseDense(nn.Module):
     block_size: int = 128
     block_density: float = 1.0
     kernel_backend: str = "auto"
+    kernel_axes: tuple[str | None, str | None] = (None, None)
 
     @nn.compact
     def __call__(self, x_xK: jax.Array) -> jax.Array:
         k_in = x_xK.shape[-1]
-        kernel_KxN = self.param("kernel", self.kernel_init, (k_in, self.features),
-                                self.param_dtype)
+        kernel_KxN = self.param("kernel", logical_init(self.kernel_init, self.kernel_axes),
+                                (k_in, self.features), self.param_dtype)
         if self.is_initializing() or self.has_variable("masks", "kernel"):
-            mask_KxN = self.variable(
-                "masks", "kernel", lambda: jnp.ones((k_in, self.features), jnp.bool_)).value
+            ones = logical_init(lambda: jnp.ones((k_in, self.features), jnp.bool_),
+                                self.kernel_axes)
+            mask_KxN = self.variable("masks", "kernel", ones).value
         else:
             mask_KxN = None
 
@@ -63,7 +103,8 @@ class SparseDense(nn.Module):
         kernel_KxN = kernel_KxN.astype(self.dtype)
         if mask_KxN is None:
             y_xN = x_xK @ kernel_KxN
-        elif self.matmul == "masked":
+        elif self.matmul == "masked" or self.is_initializing():
+            # At init the masks are still all True, which no sparse block budget holds.
             y_xN = x_xK @ jnp.where(mask_KxN, kernel_KxN, jnp.zeros((), self.dtype))
         elif self.matmul == "block_sparse":
             y_xN = _block_sparse(x_xK, kernel_KxN, mask_KxN, self.block_size,
@@ -72,8 +113,9 @@ class SparseDense(nn.Module):
             raise ValueError(f"Unknown matmul {self.matmul!r}: use 'masked' or 'block_sparse' "
                              "(--config.model.matmul).")
         if self.use_bias:
-            bias_N = self.param("bias", nn.initializers.zeros, (self.features,),
-                                self.param_dtype)
+            bias_N = self.param("bias", logical_init(nn.initializers.zeros,
+                                                     self.kernel_axes[1:]),
+                                (self.features,), self.param_dtype)
             y_xN = y_xN + bias_N.astype(self.dtype)
         return y_xN
 
@@ -84,5 +126,36 @@ def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, block_density, backend
 
     budget = kernels.block_budget(kernel_KxN.shape[0], kernel_KxN.shape[1], block_size,
                                   block_density)
-    meta = kernels.make_block_meta(mask_KxN, block_size=block_size, max_blocks=budget)
-    return kernels.block_sparse_matmul(x_xK, kernel_KxN, meta, backend=backend)
+
+    def local(x_xK, kernel_KxN, mask_KxN):
+        meta = kernels.make_block_meta(mask_KxN, block_size=block_size, max_blocks=budget)
+        return kernels.block_sparse_matmul(x_xK, kernel_KxN, meta, backend=backend)
+
+    axes = _batch_axes(x_xK.shape[0])
+    if axes is None:
+        return local(x_xK, kernel_KxN, mask_KxN)
+    # A Pallas kernel is opaque to XLA's partitioner: give it whole weights (all-gathered,
+    # as FSDP does anyway) and this device's rows. Tensor-parallel block-sparse kernels
+    # (split K or N with per-shard metadata) are not implemented: a tensor axis repeats work.
+    rows = P(axes)
+    return jax.shard_map(local, in_specs=(rows, P(), P()), out_specs=rows,
+                         axis_names=set(axes), check_vma=False)(x_xK, kernel_KxN, mask_KxN)
+
+
+def _batch_axes(batch: int) -> tuple[str, ...] | None:
+    """Auto mesh axes of the context mesh that the logical "batch" axis maps to.
+
+    None off a mesh, when those axes have size 1 or when they do not divide ``batch``
+    (then XLA keeps the kernel's operands whole).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = nn.logical_to_mesh_axes(("batch",))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    auto = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Auto}
+    names = tuple(n for n in names if n in auto and mesh.shape[n] > 1)
+    size = 1
+    for n in names:
+        size *= mesh.shape[n]
+    return names if names and batch % size == 0 else None

@@ -8,6 +8,11 @@ mask has a leading layer axis N, which keeps compile time flat in depth and is t
 pipeline splits into stages. Masks exist for the four projection kernels of each block
 (``blocks/attn/qkv``, ``blocks/attn/out``, ``blocks/mlp/fc``, ``blocks/mlp/proj``) and start
 all ``True``; the dimension letters are defined in ``sparse_gpt.config``.
+
+Logical axis names (mapped to mesh axes by ``config.mesh.rules``, see ``sharding.py``):
+params ``vocab``, ``embed``, ``qkv``, ``heads``, ``mlp``, ``norm`` and ``layers`` (the
+stacked axis); activations ``batch``, ``length``, ``act_embed`` and ``mlp``. Off a mesh the
+names do nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sparse_gpt.layers import SparseDense
+from sparse_gpt.layers import SparseDense, logical_init
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -88,11 +93,22 @@ class ModelConfig:
         return _DTYPES[self.param_dtype]
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, std: float) -> SparseDense:
+def _dense(cfg: ModelConfig, features: int, name: str, std: float,
+           axes: tuple[str, str]) -> SparseDense:
     return SparseDense(features, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                        kernel_init=nn.initializers.normal(std), matmul=cfg.matmul,
                        block_size=cfg.block_size, block_density=cfg.block_density,
-                       kernel_backend=cfg.kernel_backend, name=name)
+                       kernel_backend=cfg.kernel_backend, kernel_axes=axes, name=name)
+
+
+def _layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                        scale_init=logical_init(nn.initializers.ones, ("norm",)),
+                        bias_init=logical_init(nn.initializers.zeros, ("norm",)), name=name)
+
+
+def _residual(x_BxLxD: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
 
 def rope(x_BxLxHxK: jax.Array) -> jax.Array:
@@ -115,7 +131,7 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         b, seq_len, d = x_BxLxD.shape
-        qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std)(x_BxLxD)
+        qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std, ("embed", "qkv"))(x_BxLxD)
         q, k, v = jnp.split(qkv_BxLx3D.reshape(b, seq_len, 3, cfg.n_heads, cfg.head_dim), 3,
                             axis=2)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t[:, :, 0] for t in (q, k, v))
@@ -124,7 +140,8 @@ class Attention(nn.Module):
         out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
                                                    is_causal=True)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
-        return _dense(cfg, d, "out", out_std)(out_BxLxHxK.reshape(b, seq_len, d))
+        return _dense(cfg, d, "out", out_std, ("heads", "embed"))(
+            out_BxLxHxK.reshape(b, seq_len, d))
 
 
 class MLP(nn.Module):
@@ -134,9 +151,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std)(x_BxLxD))
+        h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std, ("embed", "mlp"))(x_BxLxD))
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        return _dense(cfg, cfg.d_model, "proj", out_std)(h_BxLxF)
+        return _dense(cfg, cfg.d_model, "proj", out_std, ("mlp", "embed"))(h_BxLxF)
 
 
 class Block(nn.Module):
@@ -145,18 +163,18 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.cfg.jnp_dtype,  # noqa: E731
-                                       param_dtype=self.cfg.jnp_param_dtype, name=name)
-        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(ln("ln1")(x_BxLxD))
-        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(ln("ln2")(x_BxLxD))
-        return x_BxLxD, None
+        x_BxLxD = _residual(x_BxLxD)
+        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln1")(x_BxLxD))
+        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln2")(x_BxLxD))
+        return _residual(x_BxLxD), None
 
 
 def stacked_blocks(cfg: ModelConfig, length: int, name: str = "blocks") -> nn.Module:
     """``length`` decoder blocks under one ``nn.scan`` (params and masks stacked on axis 0)."""
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
     scanned = nn.scan(block, variable_axes={"params": 0, "masks": 0},
-                      split_rngs={"params": True}, length=length)
+                      split_rngs={"params": True}, length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, name=name)
 
 
@@ -168,14 +186,15 @@ class GPT(nn.Module):
         cfg = self.cfg
         self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
                             param_dtype=cfg.jnp_param_dtype,
-                            embedding_init=nn.initializers.normal(cfg.init_std))
+                            embedding_init=logical_init(nn.initializers.normal(cfg.init_std),
+                                                        ("vocab", "embed")))
         if not cfg.use_rope:
             self.wpe = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype,
                                 param_dtype=cfg.jnp_param_dtype,
-                                embedding_init=nn.initializers.normal(cfg.init_std / 2))
+                                embedding_init=logical_init(
+                                    nn.initializers.normal(cfg.init_std / 2), (None, "embed")))
         self.blocks = stacked_blocks(cfg, cfg.n_layers)
-        self.ln_f = nn.LayerNorm(epsilon=1e-5, dtype=cfg.jnp_dtype,
-                                 param_dtype=cfg.jnp_param_dtype)
+        self.ln_f = _layer_norm(cfg)
 
     def embed(self, tokens_BxL: jax.Array) -> jax.Array:
         """Token (+ position) embeddings of the input."""
@@ -187,7 +206,7 @@ class GPT(nn.Module):
         x_BxLxD = self.wte(tokens_BxL)
         if not self.cfg.use_rope:
             x_BxLxD = x_BxLxD + self.wpe(jnp.arange(seq_len))[None]
-        return x_BxLxD
+        return _residual(x_BxLxD)
 
     def head(self, x_BxLxD: jax.Array) -> jax.Array:
         """Final LayerNorm and the tied LM head; logits in float32."""
