@@ -126,11 +126,20 @@ def base_config() -> ml_collections.ConfigDict:
         grow_init="zeros",       # value of regrown weights (only zeros is implemented)
     ))
 
+    # Device mesh (sparse_gpt/sharding.py) and pipeline (sparse_gpt/pipeline.py). The product
+    # of the four sizes is the device count; e.g. 8 devices as 2 data x 4 stages:
+    #   python train.py --config.mesh.stage=4 --config.mesh.data=2
     c.mesh = ml_collections.ConfigDict(dict(
-        data=-1,                 # -1: all devices not used by the other axes
-        fsdp=1,
-        tensor=1,
-        stage=1,
+        data=-1,                 # batch split; -1: all devices not used by the other axes
+        fsdp=1,                  # batch split + params split along `embed` (ZeRO-3 style)
+        tensor=1,                # Megatron-style split of heads / MLP hidden / vocabulary
+        stage=1,                 # pipeline stages over the stacked layers (>1: pipelined)
+        num_microbatches=0,      # pipeline microbatches per step; 0 -> one per stage
+        schedule="gpipe",        # gpipe | circular (bubble (S-1)/(R*M+S-1), R repeats)
+        circular_repeats=1,      # circular only: layer chunks per stage, R
+        # Logical axis -> mesh axes ("a+b" splits over both; "name=" keeps it whole).
+        rules=("batch=data+fsdp,layers=stage,embed=fsdp,vocab=tensor,qkv=tensor,"
+               "heads=tensor,mlp=tensor"),
     ))
     return c
 
