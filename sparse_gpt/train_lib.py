@@ -8,6 +8,10 @@ does in a few calls::
     train_step = jax.jit(make_train_step(model, tx, method), donate_argnums=0)
     state, metrics = train_step(state, batch)
 
+The model runs through a ``forward(params, masks, tokens, model) -> logits`` function:
+:func:`forward` here, or ``pipeline.make_forward(mesh, ...)`` for a pipelined model; both
+take the same trees, so nothing else changes with the parallelism.
+
 Masked weights stay exactly zero: gradients of masked entries are zero by construction and
 the step re-applies the mask after the optimizer update (AdamW's decoupled weight decay and
 stale moments could otherwise move them).
@@ -29,6 +33,7 @@ from sparse_gpt import model as model_lib
 
 PyTree = Any
 Batch = dict[str, jax.Array]
+Forward = Callable[[PyTree, PyTree, jax.Array, nn.Module], jax.Array]
 
 
 @flax.struct.dataclass
@@ -105,15 +110,22 @@ def cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax
     return jnp.sum(nll_BxL * weights_BxL) / jnp.maximum(total, 1.0), total
 
 
-def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module) -> jax.Array:
-    """Mean next-token loss; ``masks=None`` applies the model dense."""
+def forward(params: PyTree, masks: PyTree | None, tokens_BxL: jax.Array,
+            model: nn.Module) -> jax.Array:
+    """Logits of the plain (unpipelined) model; ``masks=None`` applies it dense."""
     variables = {"params": params} if masks is None else {"params": params, "masks": masks}
-    logits = model.apply(variables, batch["inputs"])
-    return cross_entropy(logits, batch)[0]
+    return model.apply(variables, tokens_BxL)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    method: Any) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module,
+            forward: Forward = forward) -> jax.Array:
+    """Mean next-token loss; ``masks=None`` applies the model dense."""
+    return cross_entropy(forward(params, masks, batch["inputs"], model), batch)[0]
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: Any,
+                    forward: Forward = forward
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns ``train_step(state, batch) -> (state, metrics)``, pure and jittable.
 
     Methods that grow by dense gradient (``method.needs_dense_grads``) get the gradient with
@@ -123,14 +135,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     grad_fn = jax.value_and_grad(loss_fn)
 
     def masked_grads(params, masks, batch):
-        loss, grads = grad_fn(params, masks, batch, model)
+        loss, grads = grad_fn(params, masks, batch, model, forward)
         return loss, grads, grads
 
     def dense_grads(params, masks, batch):
         # Differentiate the dense product of the already-masked weights (no masks collection,
         # so no block-sparse path): the gradient of every entry, active or not, is what
         # RigL-style growth scores by.
-        loss, dense = grad_fn(apply_masks(params, masks), None, batch, model)
+        loss, dense = grad_fn(apply_masks(params, masks), None, batch, model, forward)
         return loss, apply_masks(dense, masks), dense
 
     def train_step(state: TrainState, batch: Batch):
@@ -164,10 +176,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(model: nn.Module,
+                   forward: Forward = forward) -> Callable[[TrainState, Batch], dict]:
     """Returns ``eval_step(state, batch) -> {"loss_sum", "weight"}`` for exact averaging."""
     def eval_step(state: TrainState, batch: Batch):
-        logits = model.apply({"params": state.params, "masks": state.masks}, batch["inputs"])
+        logits = forward(state.params, state.masks, batch["inputs"], model)
         loss, weight = cross_entropy(logits, batch)
         return {"loss_sum": loss * weight, "weight": weight}
     return eval_step
