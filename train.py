@@ -5,6 +5,17 @@
     python train.py --config.sparsity.method=rigl --config.sparsity.density=0.25
 
 Re-running the same command resumes from the newest checkpoint in --workdir.
+
+Parallelism is the `mesh` section (sparse_gpt/sharding.py, sparse_gpt/pipeline.py), e.g. on 8
+fake CPU devices, 2-way data parallel x 4 pipeline stages:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python train.py --config.mesh.stage=4 --config.mesh.data=2
+    python train.py --config.mesh.stage=4 --config.mesh.schedule=circular \
+        --config.mesh.circular_repeats=2 --config.model.n_layers=8 --config.mesh.num_microbatches=8
+
+Multi-host: set SPARSE_GPT_DISTRIBUTED=1 (or JAX_COORDINATOR_ADDRESS) to start
+jax.distributed on every process; the default is a single process.
 """
 
 import os
@@ -18,6 +29,8 @@ def main(argv):
     except ValueError as e:  # bad preset, path or override: one clear line, no traceback
         sys.exit(f"error: {e}")
     import jax
+    from sparse_gpt import sharding
+    sharding.maybe_initialize_distributed()  # before anything asks for devices
     # Re-running a command (e.g. to resume) reuses the compiled steps of the previous run.
     jax.config.update("jax_compilation_cache_dir", os.environ.get(
         "SPARSE_GPT_JAX_CACHE", os.path.expanduser("~/.cache/sparse_gpt/jax")))
