@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.sparsity = ml_collections.ConfigDict(dict(
-        method="dense",          # dense | static | gmp | set | rigl (see sparse_gpt/methods)
+        method="dense",          # dense | static | gmp | set | rigl | mst (sparse_gpt/methods)
         density=1.0,             # target fraction of non-zero weights in sparse layers, (0, 1]
         distribution="uniform",  # uniform | erk | explicit: how density is spread over layers
         explicit_densities="",   # "pattern=density,..." used when distribution=explicit;
@@ -124,6 +124,14 @@ def base_config() -> ml_collections.ConfigDict:
         prune_scope="layer",     # gmp only: layer (each matrix to its density) | global
         gmp_power=3.0,           # exponent of GMP's density schedule (3: Zhu & Gupta cubic)
         grow_init="zeros",       # value of regrown weights (only zeros is implemented)
+        # method=mst (sparse_gpt/methods/mst.py): dense -> `density` (cubic warm-up over
+        # [update_start, mst_warmup_end)), ultra-sparse evolution until mst_ultra_end, then
+        # restoration to mst_final_density at update_end. -1: 1/4 and 3/4 of the update window.
+        mst_warmup_end=-1,
+        mst_ultra_end=-1,
+        mst_final_density=0.25,  # density restoration ends at (below `density`: no restoration)
+        mst_random_grow_fraction=0.25,  # share of grown weights picked at random (rest: |grad|)
+        mst_restore_power=1.0,   # restoration density curve exponent (1: linear)
     ))
 
     # Device mesh (sparse_gpt/sharding.py) and pipeline (sparse_gpt/pipeline.py). The product

@@ -53,6 +53,35 @@ def regrow(masks: Tree, scores: Tree, n=None, structure: Structure = UNSTRUCTURE
     return masks_lib.replace(masks, out)
 
 
+def mixed_regrow(masks: Tree, grad_scores: Tree, random_scores: Tree, n,
+                 random_fraction: float, structure: Structure = UNSTRUCTURED) -> Tree:
+    """MST's mixed growing: ``n`` units per row, part by gradient and part at random.
+
+    Per selection row, ``n_rand = round(random_fraction * n)`` and ``n_grad = n - n_rand``.
+    The ``n_grad`` dead units with the largest ``grad_scores`` grow first; then the
+    ``n_rand`` best ``random_scores`` among the units still dead, so the two parts never
+    pick the same unit and the row grows exactly ``n`` (fewer only if fewer are dead).
+
+    Args:
+      masks: mask tree.
+      grad_scores: ``|dL/dw|`` (dense gradient) on the leaves to grow.
+      random_scores: uniform scores on the same leaves (``prune.random_scores``).
+      n: units grown per row, as in :func:`regrow` (int, traced, per matrix, per row, or a
+        path -> count map).
+      random_fraction: share of the growth drawn at random, in [0, 1].
+      structure: how the mask is constrained.
+
+    Returns:
+      The new mask tree.
+    """
+    flat = masks_lib.flatten(grad_scores)
+    n_all = {p: jnp.asarray(n[p] if isinstance(n, Mapping) else n, jnp.int32) for p in flat}
+    n_rand = {p: jnp.round(random_fraction * c).astype(jnp.int32) for p, c in n_all.items()}
+    n_grad = {p: c - n_rand[p] for p, c in n_all.items()}
+    by_grad = regrow(masks, grad_scores, n_grad, structure)
+    return regrow(by_grad, random_scores, n_rand, structure)
+
+
 def grown(old: Tree, new: Tree) -> Tree:
     """Units live in ``new`` but not in ``old``."""
     return jax.tree.map(lambda a, b: b & ~a, old, new)

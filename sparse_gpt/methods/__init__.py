@@ -6,6 +6,7 @@ static   fixed random (or magnitude) topology at init, uniform / ERK / explicit 
 gmp      gradual magnitude pruning, dense -> sparse on Zhu & Gupta's cubic schedule
 set      SET: magnitude drop, random regrowth, cosine-decayed drop fraction
 rigl     RigL: magnitude drop, regrowth by dense-gradient magnitude
+mst      MST: warm-up pruning, ultra-sparse evolution, restoration; mixed growing
 =======  ==========================================================================
 
 All configuration errors are raised here, at build time, with the fix in the message.
@@ -18,14 +19,15 @@ from sparse_gpt.flops import kernel_shapes
 from sparse_gpt.methods.base import Settings, SparsityMethod
 from sparse_gpt.methods.dense import Dense
 from sparse_gpt.methods.gmp import GMP
+from sparse_gpt.methods.mst import MST
 from sparse_gpt.methods.rigl import RigL
 from sparse_gpt.methods.set import SET
 from sparse_gpt.methods.static import Static
 
-METHODS = {"dense": Dense, "static": Static, "gmp": GMP, "set": SET, "rigl": RigL}
+METHODS = {"dense": Dense, "static": Static, "gmp": GMP, "set": SET, "rigl": RigL, "mst": MST}
 
 __all__ = ["METHODS", "Settings", "SparsityMethod", "build", "max_layer_density", "parse_settings",
-           "Dense", "Static", "GMP", "SET", "RigL"]
+           "Dense", "Static", "GMP", "SET", "RigL", "MST"]
 
 
 def _choice(name: str, value: str, options) -> str:
@@ -70,9 +72,46 @@ def parse_settings(config) -> Settings:
         update_start=int(sp.update_start), update_end=update_end,
         prune_scope=_choice("prune_scope", sp.prune_scope, ("layer", "global")),
         gmp_power=float(sp.gmp_power),
-        grow_init=_choice("grow_init", sp.grow_init, ("zeros",)))
+        grow_init=_choice("grow_init", sp.grow_init, ("zeros",)),
+        **_mst_settings(sp, update_end))
     _check_combination(settings, config)
     return settings
+
+
+def _mst_settings(sp, update_end: int) -> dict:
+    """MST keys; -1 phase ends default to 1/4 and 3/4 of ``[update_start, update_end]``."""
+    start = int(sp.update_start)
+    span = update_end - start
+
+    def at(key, frac):
+        value = int(sp.get(key, -1))
+        return value if value >= 0 else start + round(frac * span)
+
+    return dict(mst_warmup_end=at("mst_warmup_end", 0.25),
+                mst_ultra_end=at("mst_ultra_end", 0.75),
+                mst_final_density=float(sp.get("mst_final_density", 0.25)),
+                mst_random_grow_fraction=float(sp.get("mst_random_grow_fraction", 0.25)),
+                mst_restore_power=float(sp.get("mst_restore_power", 1.0)))
+
+
+def _check_mst(s: Settings) -> None:
+    """MST's phase order and knobs; each message names the keys to fix."""
+    if s.structure.kind == "nm":
+        raise ValueError("mst changes the density over training, which N:M cannot; use "
+                         "--config.sparsity.structure=unstructured|block.")
+    if not s.update_start < s.mst_warmup_end <= s.mst_ultra_end < s.update_end:
+        raise ValueError(
+            "mst needs update_start < mst_warmup_end <= mst_ultra_end < update_end, got "
+            f"{s.update_start} / {s.mst_warmup_end} / {s.mst_ultra_end} / {s.update_end}; set "
+            "--config.sparsity.mst_warmup_end / mst_ultra_end / update_end (-1: defaults).")
+    # A final density below `density` is allowed and means "no restoration" (the layers
+    # stay at their ultra-sparse densities): restoration only ever adds connections.
+    masks_lib.check_density(s.mst_final_density, "mst_final_density")
+    if not 0.0 <= s.mst_random_grow_fraction <= 1.0:
+        raise ValueError(f"mst_random_grow_fraction={s.mst_random_grow_fraction} must be in "
+                         "[0, 1] (0.25: a quarter of the grown weights at random).")
+    if s.mst_restore_power <= 0:
+        raise ValueError(f"mst_restore_power={s.mst_restore_power} must be > 0 (1: linear).")
 
 
 def _check_combination(s: Settings, config) -> None:
@@ -109,10 +148,12 @@ def _check_combination(s: Settings, config) -> None:
         raise ValueError(f"drop_fraction={s.drop_fraction} must be in [0, 1].")
     if s.update_every < 1:
         raise ValueError(f"update_every={s.update_every} must be >= 1.")
-    if s.method in ("gmp", "set", "rigl") and s.update_end <= s.update_start:
+    if s.method in ("gmp", "set", "rigl", "mst") and s.update_end <= s.update_start:
         raise ValueError(f"update_end={s.update_end} must be after update_start="
                          f"{s.update_start}; set --config.sparsity.update_end (-1 = 75% of "
                          "train.num_steps).")
+    if s.method == "mst":
+        _check_mst(s)
     # Shape checks against the model's kernels, before anything is initialised.
     shapes = kernel_shapes(config.model)
     for path in masks_lib.select_paths(sorted(shapes), s.sparse_layers):
@@ -122,13 +163,13 @@ def _check_combination(s: Settings, config) -> None:
 def max_layer_density(config) -> float:
     """The densest sparse matrix the method will ever hold (for static block budgets).
 
-    1.0 for dense and gmp (they start dense); otherwise the largest per-layer density of the
-    configured distribution, after rounding to whole units (weights or blocks) per matrix.
+    1.0 for dense, gmp and mst (they start dense); otherwise the largest per-layer density of
+    the configured distribution, after rounding to whole units (weights or blocks) per matrix.
     ERK gives small layers more than ``density``, so a block budget sized by ``density``
     alone would be too small.
     """
     s = parse_settings(config)
-    if s.method in ("dense", "gmp"):
+    if s.method in ("dense", "gmp", "mst"):
         return 1.0
     shapes = kernel_shapes(config.model)
     paths = masks_lib.select_paths(sorted(shapes), s.sparse_layers)

@@ -49,6 +49,12 @@ class Settings:
     prune_scope: str = "layer"
     gmp_power: float = 3.0
     grow_init: str = "zeros"
+    # MST (methods/mst.py): phase boundaries (steps), restoration target, mixed growing.
+    mst_warmup_end: int = 250
+    mst_ultra_end: int = 500
+    mst_final_density: float = 0.25
+    mst_random_grow_fraction: float = 0.25
+    mst_restore_power: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
