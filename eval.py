@@ -2,9 +2,11 @@
 
     python eval.py --workdir runs/tiny-dense
     python eval.py --workdir runs/tiny-dense --prompt "ROMEO:" --num_tokens 200
+    python eval.py --workdir runs/tiny-dense --tasks sparse_gpt/tasks/sample_mc.jsonl
 
 Prints validation `loss`, `perplexity`, `bits_per_byte`, the run's `step`, cumulative training
-`flops` and mask `density`, and with --prompt a continuation (`sample`).
+`flops` and mask `density`, with --prompt a continuation (`sample`), and with --tasks the
+zero-shot multiple-choice accuracies `tasks: {name: {acc, acc_norm, n}}` (sparse_gpt/mc_eval.py).
 """
 
 import argparse
@@ -24,13 +26,17 @@ def parse(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, >0: sampling")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely (0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tasks", default="", help="comma-separated multiple-choice JSONL files")
+    p.add_argument("--task_batch_size", type=int, default=16, help="sequences per scoring call")
     return p.parse_args(argv)
 
 
 def main(argv):
     args = parse(argv)
-    from sparse_gpt import checkpoint, flops, sampling, trainer
+    from sparse_gpt import checkpoint, flops, mc_eval, sampling, trainer
+    tasks = [p.strip() for p in args.tasks.split(",") if p.strip()]
     try:
+        mc_eval.load_tasks(tasks)  # a bad task file fails before the model is loaded
         config, data, model, eval_step, state = trainer.load_run(args.workdir, args.step)
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
         if os.environ.get("SPARSE_GPT_TRACEBACK"):
@@ -46,6 +52,9 @@ def main(argv):
                                    temperature=args.temperature, top_k=args.top_k,
                                    seed=args.seed, vocab_size=data.tokenizer.vocab_size)
         out["prompt"], out["sample"] = args.prompt, data.tokenizer.decode(tokens)
+    if tasks:
+        out["tasks"] = mc_eval.evaluate_tasks(model, state.params, state.masks, data.tokenizer,
+                                              tasks, args.task_batch_size)
     print(json.dumps(out))
 
 
