@@ -118,8 +118,9 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
                                                                  .values()))]
     else:
         raise ValueError(f"{folder} has no model.safetensors (or .index.json). A torch "
-                         "pytorch_model.bin cannot be read without torch: convert it where torch "
-                         "is installed with model.save_pretrained(folder, safe_serialization=True).")
+                         "pytorch_model.bin cannot be read without torch: convert it where "
+                         "torch is installed with "
+                         "model.save_pretrained(folder, safe_serialization=True).")
     tensors = {}
     for path in files:
         try:

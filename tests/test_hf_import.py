@@ -78,7 +78,8 @@ def np_gpt2_logits(t, cfg, ids):
     x = t["wte.weight"][ids] + t["wpe.weight"][np.arange(seq)]
     causal = np.tril(np.ones((seq, seq), bool))
     for i in range(cfg["n_layer"]):
-        p = lambda name: t[f"h.{i}.{name}"]  # noqa: E731
+        def p(name, i=i):
+            return t[f"h.{i}.{name}"]
         a = np_layer_norm(x, p("ln_1.weight"), p("ln_1.bias"), eps)
         qkv = a @ p("attn.c_attn.weight") + p("attn.c_attn.bias")
         q, kk, v = (z.reshape(seq, h, k).transpose(1, 0, 2) for z in np.split(qkv, 3, -1))
@@ -233,10 +234,11 @@ def test_init_from_workdir_prunes_the_loaded_weights(corpus, tmp_path):
     source = fake_workdir(small_config(corpus), src)
     config = small_config(corpus, **{"train.init_from": src, "sparsity.method": "static",
                                      "sparsity.density": 0.5, "sparsity.init": "magnitude"})
-    model, tx, method = train_lib.build(config)
-    rng = jax.random.key(0)
-    fresh = jax.jit(lambda r: train_lib.init_state(config, model, tx, method, r))(rng)
-    state = init_from.warm_start(config, model, fresh, rng)
+    model, _, _ = train_lib.build(config)
+    # Any state of this structure stands for init(rng) (reusing the source's saves compiling
+    # a second init); its moments are made stale to see warm_start replace them.
+    stale = source.replace(opt_state=jax.tree.map(lambda x: x + 1, source.opt_state))
+    state = init_from.warm_start(config, model, stale, jax.random.key(0))
     assert int(state.step) == 0
     np.testing.assert_array_equal(state.params["wte"]["embedding"],
                                   source.params["wte"]["embedding"])
