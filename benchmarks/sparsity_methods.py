@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -52,21 +53,34 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval_batches", type=int, default=32)
     p.add_argument("--methods", default="dense,static,gmp,set,rigl")
-    p.add_argument("--densities", default="0.5,0.25,0.1", help="densities of sparse runs")
+    p.add_argument("--densities", default="0.25,0.5,0.1", help="densities of sparse runs")
     p.add_argument("--workdir", default="/tmp/sparse_gpt_bench_methods")
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/...)")
     args = p.parse_args(argv)
+    # Finished runs are kept in WORKDIR/rows.jsonl, so an interrupted benchmark resumes where
+    # it stopped; runs go density by density, so the first ones already compare all methods.
+    os.makedirs(args.workdir, exist_ok=True)
+    rows_path = os.path.join(args.workdir, "rows.jsonl")
     rows = []
-    for method in args.methods.split(","):
-        for density in ([1.0] if method == "dense" else
-                        [float(d) for d in args.densities.split(",")]):
-            rows.append(run(method, density, args))
-            print(rows[-1], flush=True)
+    if os.path.exists(rows_path):
+        with open(rows_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    methods = args.methods.split(",")
+    plan = [("dense", 1.0)] if "dense" in methods else []
+    plan += [(m, float(d)) for d in args.densities.split(",") for m in methods if m != "dense"]
+    for method, density in plan:
+        sparsity = 0.0 if method == "dense" else 1 - density
+        if any(r["method"] == method and abs(r["sparsity"] - sparsity) < 1e-9 for r in rows):
+            continue
+        rows.append(run(method, density, args))
+        print(rows[-1], flush=True)
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
     dense = next((r for r in rows if r["method"] == "dense"), None)
     lines = [f"# Sparsity methods on `{args.preset}`, {args.steps} steps, bundled corpus",
              "", f"Date: {datetime.date.today()}; machine: {platform.processor() or 'cpu'}, "
              f"{os.cpu_count()} cores, CPU; command: python benchmarks/sparsity_methods.py "
-             f"--steps {args.steps} --methods {args.methods} --densities {args.densities}", "",
+             f"--steps {args.steps}", "",
              "| method | sparsity | val loss | vs dense | train FLOPs | FLOPs vs dense | wall s |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["sparsity"], r["method"])):
