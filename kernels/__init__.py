@@ -8,8 +8,12 @@ Public API::
     y_ref = kernels.reference_matmul(x, w, meta)                        # dense oracle
     kernels.available_backends()
 
+    out = kernels.block_sparse_attention(q, k, v, mask_fn, block_size=64)  # [B, L, H, K]
+    out_ref = kernels.reference_attention(q, k, v, kernels.element_mask(mask_fn, L))
+
 See ``kernels/block_meta.py`` for the budget and overflow rules and ``kernels/ops.py`` for
-the backends.
+the backends; ``kernels/attention_*.py`` for block-sparse attention (static patterns given
+as a hashable ``mask_fn(q_pos, k_pos)``; XLA and Pallas GPU backends).
 """
 
 from kernels.block_meta import (
@@ -22,21 +26,35 @@ from kernels.block_meta import (
     make_block_meta,
     pool_block_mask,
 )
+from kernels.attention_meta import AttentionMeta, attention_meta, element_mask
+from kernels.attention_ops import (
+    ATTENTION_BACKENDS,
+    block_sparse_attention,
+    resolve_attention_backend,
+)
+from kernels.attention_reference import reference_attention
 from kernels.ops import BACKENDS, available_backends, block_sparse_matmul, resolve_backend
 from kernels.reference import reference_matmul
 
 __all__ = [
+    "ATTENTION_BACKENDS",
+    "AttentionMeta",
     "BACKENDS",
     "BlockBudget",
     "BlockMeta",
     "FrozenBlockMeta",
+    "attention_meta",
     "available_backends",
     "block_budget",
+    "block_sparse_attention",
     "block_sparse_matmul",
     "column_topk_block_mask",
+    "element_mask",
     "expand_block_mask",
     "make_block_meta",
     "pool_block_mask",
+    "reference_attention",
     "reference_matmul",
+    "resolve_attention_backend",
     "resolve_backend",
 ]

@@ -1,0 +1,122 @@
+"""Public block-sparse attention: ``softmax(q k^T, pattern) v`` on the pattern's blocks only.
+
+Every backend implements the same two functions on ``[N, L, D]`` (N = batch x heads):
+
+    forward(q, k, v, meta, mask_fn, scale)                      -> (o, lse)
+    backward(q, k, v, lse, dO, delta, meta, mask_fn, scale)     -> (dq, dk, dv)
+
+and ``block_sparse_attention`` wires them into one ``jax.custom_vjp`` (the backward
+recomputes the probabilities from the saved log-sum-exp), so ``jax.grad`` works for all of
+them, including the Pallas kernels (``pallas_call`` has no JVP rule).
+
+Backends: ``"pallas_gpu"`` (Triton), ``"xla"`` (per-row gathers of the pattern's key/value
+blocks; the CPU default) and ``"reference"`` (dense masked oracle). ``"auto"`` picks
+pallas_gpu on GPU, else xla; the environment variable ``SPARSE_GPT_ATTN_BACKEND`` overrides
+``"auto"``. There is no TPU kernel yet: on TPU ``"auto"`` gives xla.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from kernels import attention_pallas_gpu, attention_reference, attention_xla
+from kernels.attention_meta import attention_meta
+
+ATTENTION_BACKENDS = ("pallas_gpu", "xla", "reference")
+_MODULES = {"pallas_gpu": attention_pallas_gpu, "xla": attention_xla,
+            "reference": attention_reference}
+
+
+def resolve_attention_backend(backend: str = "auto", platform: str | None = None) -> str:
+    """Maps ``"auto"`` (or the env override) to a concrete backend and validates it."""
+    if backend == "auto":
+        platform = platform or jax.default_backend()
+        native = "pallas_gpu" if platform in ("gpu", "cuda") else "xla"
+        backend = os.environ.get("SPARSE_GPT_ATTN_BACKEND", "") or native
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of "
+                         f"{ATTENTION_BACKENDS} or 'auto'.")
+    return backend
+
+
+def _impl(backend: str, interpret):
+    mod = _MODULES[backend]
+    if backend.startswith("pallas"):
+        return (functools.partial(mod.forward, interpret=interpret),
+                functools.partial(mod.backward, interpret=interpret))
+    return mod.forward, mod.backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _attention(q, k, v, mask_fn, block_size, scale, backend, interpret):
+    meta = attention_meta(mask_fn, q.shape[1], block_size)
+    return _impl(backend, interpret)[0](q, k, v, meta, mask_fn, scale)[0]
+
+
+def _attention_fwd(q, k, v, mask_fn, block_size, scale, backend, interpret):
+    meta = attention_meta(mask_fn, q.shape[1], block_size)
+    o, lse = _impl(backend, interpret)[0](q, k, v, meta, mask_fn, scale)
+    return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(mask_fn, block_size, scale, backend, interpret, res, do):
+    q, k, v, o, lse = res
+    meta = attention_meta(mask_fn, q.shape[1], block_size)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)   # [N, L]
+    dq, dk, dv = _impl(backend, interpret)[1](q, k, v, lse, do, delta, meta, mask_fn, scale)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _to_nld(x_BxLxHxK: jax.Array) -> jax.Array:
+    b, seq_len, h, d = x_BxLxHxK.shape
+    return x_BxLxHxK.transpose(0, 2, 1, 3).reshape(b * h, seq_len, d)
+
+
+def block_sparse_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
+                           mask_fn, *, block_size: int = 64, scale: float | None = None,
+                           backend: str = "auto", interpret=False) -> jax.Array:
+    """Attention restricted to a static pattern, computing only its non-empty blocks.
+
+    Equal to ``reference_attention(q, k, v, element_mask(mask_fn, L))`` (values and
+    gradients, within dtype tolerance); blocks with no allowed entry are never computed.
+    Differentiable in ``q``, ``k`` and ``v`` (custom VJP). Softmax and accumulation in fp32;
+    the output has the dtype of ``q``.
+
+    Args:
+      q_BxLxHxK: queries ``[batch, L, heads, head_dim]`` (``jax.nn.dot_product_attention``'s
+        layout); ``k`` and ``v`` the same shape (dtypes are promoted to a common one).
+      k_BxLxHxK: keys.
+      v_BxLxHxK: values.
+      mask_fn: hashable pattern ``(q_pos, k_pos) -> bool`` (kernels/attention_meta.py); it
+        must include causality if wanted.
+      block_size: square block edge B, a power of two in [16, 256] dividing L.
+      scale: score scale, default ``head_dim ** -0.5``.
+      backend: ``"auto"``, ``"pallas_gpu"``, ``"xla"`` or ``"reference"``.
+      interpret: run Pallas kernels in interpret mode (required on CPU).
+
+    Returns:
+      ``[batch, L, heads, head_dim]``.
+
+    Raises:
+      ValueError: mismatched shapes, L not a multiple of B, unsupported B, unknown backend.
+    """
+    if not q_BxLxHxK.shape == k_BxLxHxK.shape == v_BxLxHxK.shape or q_BxLxHxK.ndim != 4:
+        raise ValueError(f"q, k, v must share one [batch, L, heads, head_dim] shape; got "
+                         f"{q_BxLxHxK.shape}, {k_BxLxHxK.shape}, {v_BxLxHxK.shape}.")
+    b, seq_len, h, d = q_BxLxHxK.shape
+    attention_meta(mask_fn, seq_len, block_size)   # validates L and B, warms the cache
+    dtype = jnp.result_type(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxHxK,
+                                                                 v_BxLxHxK))
+    backend = resolve_attention_backend(backend)
+    scale = float(d ** -0.5 if scale is None else scale)
+    out = _attention(*(_to_nld(x) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)), mask_fn,
+                     int(block_size), scale, backend, interpret)
+    return out.reshape(b, h, seq_len, d).transpose(0, 2, 1, 3)
