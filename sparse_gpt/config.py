@@ -134,6 +134,20 @@ def base_config() -> ml_collections.ConfigDict:
         mst_restore_power=1.0,   # restoration density curve exponent (1: linear)
     ))
 
+    # Hybrid sparse attention (sparse_gpt/attention.py, MST): the pattern replaces dense
+    # causal attention on training steps [sparse_start, sparse_end); evaluation stays dense.
+    c.attention = ml_collections.ConfigDict(dict(
+        pattern="local_strided",  # local | strided | local_strided (Sparse Transformer) | fixed
+        window=128,              # local band: the last `window` tokens
+        stride=128,              # strided: every `stride`-th token; fixed: block length
+        summary=8,               # fixed: summary columns at the end of each block
+        block_size=64,           # kernel block (power of two in [16, 256] dividing seq_len)
+        sparse_start=0,          # first sparse step
+        sparse_end=0,            # first dense step after the window (-1: num_steps; 0: off)
+        impl="block_sparse",     # block_sparse (skips empty blocks) | masked (dense oracle)
+        backend="auto",          # auto | xla | pallas_gpu | reference
+    ))
+
     # Device mesh (sparse_gpt/sharding.py) and pipeline (sparse_gpt/pipeline.py). The product
     # of the four sizes is the device count; e.g. 8 devices as 2 data x 4 stages:
     #   python train.py --config.mesh.stage=4 --config.mesh.data=2

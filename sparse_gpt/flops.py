@@ -8,7 +8,9 @@ Counting rules (multiply-add = 2 FLOPs; T = batch_size * seq_len tokens):
   With a dense weight gradient (RigL's update steps) ``dW`` stays ``2 T K N``.
 * Attention scores ``Q K^T`` and the value product ``P V``: ``2 L^2 D`` each per sequence
   and layer forward, times 3 for training; counted dense and over the full ``L x L`` square
-  (the causal half is not subtracted, as in most published counts).
+  (the causal half is not subtracted, as in most published counts). While a sparse
+  attention pattern is on (MST's hybrid attention), the sparse count replaces ``L^2`` by the
+  (query, key) pairs the pattern computes (``attention.HybridAttention.pairs``).
 * The LM head ``[D, V]``: ``6 T D V``, dense. Embedding lookups, LayerNorm, softmax,
   biases and the optimizer are not counted (they are O(T D), not O(T D^2)).
 """
@@ -36,7 +38,7 @@ def kernel_shapes(model_config) -> dict[str, tuple[int, int, int]]:
 
 
 def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
-               dense_weight_grad=False) -> dict[str, jnp.ndarray]:
+               dense_weight_grad=False, attention_pairs=None) -> dict[str, jnp.ndarray]:
     """Training FLOPs of one step (forward + backward), dense and with ``masks``.
 
     Usable inside and outside ``jit`` (counts are float32 jnp scalars).
@@ -48,6 +50,8 @@ def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
       seq_len: tokens per sequence.
       dense_weight_grad: bool or traced bool; True when this step computes the dense weight
         gradient (``needs_dense_grads`` methods on update steps).
+      attention_pairs: float or traced scalar: (query, key) pairs per sequence and head the
+        attention computes this step, for the sparse count; None (default) is ``L^2``.
 
     Returns:
       ``{"dense": ..., "sparse": ...}`` FLOPs of the step.
@@ -64,9 +68,11 @@ def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
         dense += 6.0 * tokens * size
         dw = jnp.where(dense_weight_grad, size, live)
         sparse += 2.0 * tokens * (2.0 * live + dw)
-    other = (3.0 * 4.0 * batch_size * float(seq_len) ** 2 * d * n_layers     # QK^T, PV
-             + 6.0 * tokens * d * int(model_config.vocab_size))              # LM head
-    return dict(dense=dense + other, sparse=sparse + other)
+    head = 6.0 * tokens * d * int(model_config.vocab_size)                    # LM head
+    attn = 3.0 * 4.0 * batch_size * d * n_layers                              # QK^T, PV
+    pairs = float(seq_len) ** 2 if attention_pairs is None else attention_pairs
+    return dict(dense=dense + attn * float(seq_len) ** 2 + head,
+                sparse=sparse + attn * jnp.asarray(pairs, jnp.float32) + head)
 
 
 def density(masks: Tree) -> jnp.ndarray:

@@ -128,7 +128,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, sparse_attention: Any = None) -> jax.Array:
         cfg = self.cfg
         b, seq_len, d = x_BxLxD.shape
         qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std, ("embed", "qkv"))(x_BxLxD)
@@ -137,8 +137,11 @@ class Attention(nn.Module):
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t[:, :, 0] for t in (q, k, v))
         if cfg.use_rope:
             q_BxLxHxK, k_BxLxHxK = rope(q_BxLxHxK), rope(k_BxLxHxK)
-        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                                   is_causal=True)
+        if sparse_attention is None:
+            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                                       is_causal=True)
+        else:  # attention.Switch: the sparse pattern while its traced flag is on
+            out_BxLxHxK = sparse_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
         return _dense(cfg, d, "out", out_std, ("heads", "embed"))(
             out_BxLxHxK.reshape(b, seq_len, d))
@@ -162,9 +165,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    def __call__(self, x_BxLxD: jax.Array,
+                 sparse_attention: Any = None) -> tuple[jax.Array, None]:
         x_BxLxD = _residual(x_BxLxD)
-        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln1")(x_BxLxD))
+        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln1")(x_BxLxD),
+                                                             sparse_attention)
         x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln2")(x_BxLxD))
         return _residual(x_BxLxD), None
 
@@ -172,8 +177,9 @@ class Block(nn.Module):
 def stacked_blocks(cfg: ModelConfig, length: int, name: str = "blocks") -> nn.Module:
     """``length`` decoder blocks under one ``nn.scan`` (params and masks stacked on axis 0)."""
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    # in_axes=broadcast: every layer gets the same sparse_attention switch (or None).
     scanned = nn.scan(block, variable_axes={"params": 0, "masks": 0},
-                      split_rngs={"params": True}, length=length,
+                      split_rngs={"params": True}, length=length, in_axes=nn.broadcast,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, name=name)
 
@@ -212,6 +218,8 @@ class GPT(nn.Module):
         """Final LayerNorm and the tied LM head; logits in float32."""
         return self.wte.attend(self.ln_f(x_BxLxD)).astype(jnp.float32)
 
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), None)
+    def __call__(self, tokens_BxL: jax.Array, sparse_attention: Any = None) -> jax.Array:
+        """Logits ``[B, L, V]``; ``sparse_attention``: an ``attention.Switch`` (MST's hybrid
+        attention, traced on/off flag) or None for dense causal attention."""
+        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), sparse_attention)
         return self.head(x_BxLxD)

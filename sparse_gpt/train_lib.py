@@ -19,6 +19,7 @@ stale moments could otherwise move them).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -111,10 +112,18 @@ def cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax
 
 
 def forward(params: PyTree, masks: PyTree | None, tokens_BxL: jax.Array,
-            model: nn.Module) -> jax.Array:
-    """Logits of the plain (unpipelined) model; ``masks=None`` applies it dense."""
+            model: nn.Module, sparse_attention: Any = None) -> jax.Array:
+    """Logits of the plain (unpipelined) model; ``masks=None`` applies it dense.
+
+    ``sparse_attention``: an ``attention.Switch`` (MST's hybrid attention) or None (dense).
+    """
     variables = {"params": params} if masks is None else {"params": params, "masks": masks}
-    return model.apply(variables, tokens_BxL)
+    if sparse_attention is None:
+        return model.apply(variables, tokens_BxL)
+    return model.apply(variables, tokens_BxL, sparse_attention=sparse_attention)
+
+
+_PLAIN_FORWARD = forward
 
 
 def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module,
@@ -124,44 +133,59 @@ def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: Any,
-                    forward: Forward = forward
+                    forward: Forward = forward, attention: Any = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns ``train_step(state, batch) -> (state, metrics)``, pure and jittable.
 
     Methods that grow by dense gradient (``method.needs_dense_grads``) get the gradient with
     respect to the effective (masked) weights on their update steps only; every other step
     computes the ordinary masked gradient, so the dense backward is paid only when used.
+
+    ``attention``: an ``attention.HybridAttention`` (``attention.from_config``) or None. With
+    it, the model runs the sparse pattern on the steps of its window (a traced flag, so one
+    compiled step serves both) and the metrics gain ``sparse_attention`` (1.0 when on).
     """
+    if attention is not None and forward is not _PLAIN_FORWARD:
+        raise ValueError("Hybrid sparse attention (attention.sparse_start/sparse_end) runs on "
+                         "the unpipelined model only; set --config.mesh.stage=1 or "
+                         "--config.attention.sparse_end=0.")
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def masked_grads(params, masks, batch):
-        loss, grads = grad_fn(params, masks, batch, model, forward)
+    def bound(switch):
+        return forward if switch is None else functools.partial(forward,
+                                                                 sparse_attention=switch)
+
+    def masked_grads(params, masks, batch, switch=None):
+        loss, grads = grad_fn(params, masks, batch, model, bound(switch))
         return loss, grads, grads
 
-    def dense_grads(params, masks, batch):
+    def dense_grads(params, masks, batch, switch=None):
         # Differentiate the dense product of the already-masked weights (no masks collection,
         # so no block-sparse path): the gradient of every entry, active or not, is what
         # RigL-style growth scores by.
-        loss, dense = grad_fn(apply_masks(params, masks), None, batch, model, forward)
+        loss, dense = grad_fn(apply_masks(params, masks), None, batch, model, bound(switch))
         return loss, apply_masks(dense, masks), dense
 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.wrap_key_data(state.rng)
         rng, update_rng = jax.random.split(rng)
         dense_step = method.needs_dense_grads & method.is_update_step(state.step)
+        switch = None if attention is None else attention.switch(state.step)
         if method.needs_dense_grads:
             loss, grads, score_grads = jax.lax.cond(
-                dense_step, dense_grads, masked_grads, state.params, state.masks, batch)
+                dense_step, dense_grads, masked_grads, state.params, state.masks, batch, switch)
         else:
-            loss, grads, score_grads = masked_grads(state.params, state.masks, batch)
+            loss, grads, score_grads = masked_grads(state.params, state.masks, batch, switch)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = apply_masks(optax.apply_updates(state.params, updates), state.masks)
         params, masks, opt_state = method.update(state.step, params, state.masks, score_grads,
                                                  opt_state, update_rng)
         batch_size, seq_len = batch["inputs"].shape
-        step_flops = flops_lib.step_flops(model.cfg, state.masks, batch_size, seq_len,
-                                          dense_weight_grad=dense_step)
+        step_flops = flops_lib.step_flops(
+            model.cfg, state.masks, batch_size, seq_len, dense_weight_grad=dense_step,
+            attention_pairs=None if attention is None else attention.pairs_at(state.step,
+                                                                              seq_len))
         new = state.replace(step=state.step + 1, params=params, masks=masks,
                             opt_state=opt_state, rng=jax.random.key_data(rng),
                             flops=state.flops + step_flops["sparse"])
@@ -170,8 +194,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         new = new.replace(step=state.step + 1, bad_step=jnp.where(
             finite | (state.bad_step >= 0), state.bad_step, state.step))
-        return new, {"loss": loss, "grad_norm": grad_norm, "dense_flops": step_flops["dense"],
-                     "density": flops_lib.density(state.masks)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "dense_flops": step_flops["dense"],
+                   "density": flops_lib.density(state.masks)}
+        if switch is not None:
+            metrics["sparse_attention"] = switch.on.astype(jnp.float32)
+        return new, metrics
 
     return train_step
 

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sparse_gpt import attention as attention_lib
 from sparse_gpt import checkpoint as ckpt_lib
 from sparse_gpt import data as data_lib
 from sparse_gpt import pipeline, sampling, sharding
@@ -81,7 +82,8 @@ def make_steps(config: ml_collections.ConfigDict, model, tx, method,
     jit = functools.partial(sharding.jit, mesh=mesh, rules=rules,
                             compiler_options=compiler_options)
     init = jit(init_fn, out_shardings=state_sh)
-    train = jit(train_lib.make_train_step(model, tx, method, forward),
+    train = jit(train_lib.make_train_step(model, tx, method, forward,
+                                          attention=attention_lib.from_config(config)),
                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                 donate_argnums=0)
     evaluate_ = jit(train_lib.make_eval_step(model, forward), in_shardings=(state_sh, batch_sh),
@@ -183,6 +185,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                         "flops": float(state.flops),
                         "dense_flops_per_step": float(metrics["dense_flops"]),
                         "density": float(metrics["density"])}
+                if "sparse_attention" in metrics:  # MST's hybrid attention window
+                    last["sparse_attention"] = float(metrics["sparse_attention"])
                 tick, tick_step = now, done
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{last['loss']:.3f}",

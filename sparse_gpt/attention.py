@@ -1,0 +1,233 @@
+"""Dense causal and hybrid sparse attention: MST's patterns and the step window that uses them.
+
+Patterns (all causal: query ``i`` sees key ``j <= i``; ``d = i - j``):
+
+==============  =========================================================================
+local           a band: ``d < window`` (the last ``window`` tokens, itself included)
+strided         every ``stride``-th token back: ``d % stride == 0``
+local_strided   their union, the Sparse Transformer's strided pattern (Child et al. 2019)
+fixed           fixed blocks of ``stride`` tokens with summary columns: ``i // stride ==
+                j // stride`` or ``j % stride >= stride - summary`` (the last ``summary``
+                tokens of every block are seen by all later queries)
+==============  =========================================================================
+
+A :class:`Pattern` is a hashable mask function ``pattern(q_pos, k_pos) -> bool``: the same
+object gives the ``[L, L]`` mask (:func:`pattern_mask`), the block mask at a block size
+(:func:`block_mask`), and the in-block masks the kernels recompute on the fly
+(``kernels.block_sparse_attention``).
+
+*Hybrid* attention (MST): the pattern replaces dense causal attention for the training steps
+``[attention.sparse_start, attention.sparse_end)`` only. The train step passes the model a
+:class:`Switch` whose ``on`` flag is traced (``step`` in the window), and each attention
+layer runs ``lax.cond(on, sparse, dense)``: moving in and out of the window never
+recompiles. Evaluation and sampling use dense attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import kernels
+from kernels.attention_meta import div, rem
+from kernels.block_meta import check_block_size
+from sparse_gpt import layers
+
+PATTERNS = ("local", "strided", "local_strided", "fixed")
+IMPLS = ("block_sparse", "masked")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A causal sparse attention pattern (see the module table).
+
+    Attributes:
+      kind: ``local`` | ``strided`` | ``local_strided`` | ``fixed``.
+      window: band width of ``local`` (keys ``i - window < j <= i``).
+      stride: step of ``strided``; block length of ``fixed``.
+      summary: ``fixed`` only: summary columns at the end of each block, in [0, stride].
+    """
+
+    kind: str = "local_strided"
+    window: int = 128
+    stride: int = 128
+    summary: int = 8
+
+    def __post_init__(self):
+        if self.kind not in PATTERNS:
+            raise ValueError(f"Unknown attention.pattern {self.kind!r}; choose one of "
+                             f"{', '.join(PATTERNS)} (--config.attention.pattern=...).")
+        if self.window < 1 or self.stride < 1:
+            raise ValueError(f"attention.window={self.window} and stride={self.stride} must "
+                             "be >= 1 (tokens).")
+        if self.kind == "fixed" and not 0 <= self.summary <= self.stride:
+            raise ValueError(f"attention.summary={self.summary} must be in [0, stride="
+                             f"{self.stride}] (summary columns per block of the fixed pattern).")
+
+    def __call__(self, q_pos, k_pos):
+        """True where query ``q_pos`` may attend to key ``k_pos`` (numpy or jax ints)."""
+        causal = q_pos >= k_pos
+        # Differences are >= 0 wherever causal holds, so rem / div (C-style on jax ints)
+        # agree with Python's % and // there; elsewhere the result is masked anyway.
+        d = q_pos - k_pos
+        if self.kind == "local":
+            return causal & (d < self.window)
+        if self.kind == "strided":
+            return causal & (rem(d, self.stride) == 0)
+        if self.kind == "local_strided":
+            return causal & ((d < self.window) | (rem(d, self.stride) == 0))
+        same_block = div(q_pos, self.stride) == div(k_pos, self.stride)
+        summary = rem(k_pos, self.stride) >= self.stride - self.summary
+        return causal & (same_block | summary)
+
+
+def causal_mask(seq_len: int) -> np.ndarray:
+    """Dense causal attention as a bool ``[L, L]`` mask (query rows, key columns)."""
+    return np.tril(np.ones((seq_len, seq_len), bool))
+
+
+def pattern_mask(pattern: Pattern, seq_len: int) -> np.ndarray:
+    """The pattern as a bool ``[L, L]`` mask (query rows, key columns)."""
+    return kernels.element_mask(pattern, seq_len)
+
+
+def block_mask(pattern: Pattern, seq_len: int, block_size: int) -> np.ndarray:
+    """``[L/B, L/B]`` bool: blocks holding at least one allowed pair (what the kernel computes)."""
+    return kernels.attention_meta(pattern, seq_len, block_size).block_mask_LbxLb
+
+
+def dense_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK) -> jax.Array:
+    """Dense causal attention, exactly what the model runs outside the sparse window."""
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridAttention:
+    """Static settings of hybrid attention (``config.attention``); hashable.
+
+    Attributes:
+      pattern: the sparse pattern.
+      block_size: kernel block edge B (a power of two in [16, 256] dividing the length).
+      start: first step of the sparse window.
+      end: first step after it (sparse on ``[start, end)``).
+      impl: ``block_sparse`` (kernels, skips empty blocks) or ``masked`` (dense attention
+        with the ``[L, L]`` mask: the oracle, no saving).
+      backend: kernel backend (``auto``, ``xla``, ``pallas_gpu``, ``reference``).
+      interpret: run Pallas kernels in interpret mode (tests on CPU).
+    """
+
+    pattern: Pattern = Pattern()
+    block_size: int = 64
+    start: int = 0
+    end: int = 0
+    impl: str = "block_sparse"
+    backend: str = "auto"
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"Unknown attention.impl {self.impl!r}; choose one of "
+                             f"{', '.join(IMPLS)}.")
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"attention.sparse_start={self.start} / sparse_end={self.end}: "
+                             "need 0 <= sparse_start <= sparse_end (-1: to the last step).")
+        kernels.resolve_attention_backend(self.backend)
+        try:
+            check_block_size(self.block_size)
+        except ValueError as e:
+            raise ValueError(f"attention.block_size: {e}") from None
+
+    def active(self, step) -> jax.Array:
+        """Traced bool: whether ``step`` is inside the sparse window."""
+        step = jnp.asarray(step, jnp.int32)
+        return (step >= self.start) & (step < self.end)
+
+    def switch(self, step) -> "Switch":
+        """The model argument for ``step`` (``GPT.__call__(..., sparse_attention=)``)."""
+        return Switch(on=self.active(step), spec=self)
+
+    def attend(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK) -> jax.Array:
+        """Attention restricted to the pattern (always sparse; see :class:`Switch`)."""
+        if self.impl == "masked":
+            mask = jnp.asarray(pattern_mask(self.pattern, q_BxLxHxK.shape[1]))
+            return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                                mask=mask[None, None])
+
+        def local(q, k, v):
+            return kernels.block_sparse_attention(
+                q, k, v, self.pattern, block_size=self.block_size, backend=self.backend,
+                interpret=self.interpret)
+
+        axes = layers._batch_axes(q_BxLxHxK.shape[0])  # noqa: SLF001 (shared mesh rule)
+        if axes is None:
+            return local(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+        # As for the block-sparse matmul (layers.py): a Pallas kernel is opaque to XLA's
+        # partitioner, so on a mesh each device runs it on its own rows of the batch.
+        rows = P(axes)
+        return jax.shard_map(local, in_specs=(rows, rows, rows), out_specs=rows,
+                             axis_names=set(axes), check_vma=False)(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+
+    def pairs(self, seq_len: int) -> float:
+        """(query, key) pairs one head computes per sequence while the pattern is on.
+
+        ``block_sparse``: the non-empty blocks times ``B^2`` (what the kernel multiplies,
+        partly masked blocks included); ``masked``: the full ``L^2`` square, as dense.
+        """
+        if self.impl == "masked":
+            return float(seq_len) ** 2
+        return float(block_mask(self.pattern, seq_len, self.block_size).sum()
+                     * self.block_size ** 2)
+
+    def pairs_at(self, step, seq_len: int) -> jax.Array:
+        """Traced pairs at ``step``: :meth:`pairs` inside the window, ``L^2`` outside."""
+        return jnp.where(self.active(step), self.pairs(seq_len), float(seq_len) ** 2)
+
+
+@flax.struct.dataclass
+class Switch:
+    """Hybrid attention for one step: the pattern when ``on``, dense causal otherwise.
+
+    A pytree (``on`` is a traced leaf, the settings are static), so it passes through
+    ``nn.scan`` and ``lax.cond`` and one compiled step serves every step.
+    """
+
+    on: jax.Array
+    spec: HybridAttention = flax.struct.field(pytree_node=False)
+
+    def __call__(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK) -> jax.Array:
+        return lax.cond(self.on, self.spec.attend, dense_attention,
+                        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+
+
+def from_config(config) -> HybridAttention | None:
+    """``HybridAttention`` of a run config, or None without a non-empty sparse window
+    (``sparse_end=0``, the default, or ``sparse_end == sparse_start``).
+
+    Args:
+      config: the full config (``attention``, ``data.seq_len``, ``train.num_steps`` read).
+
+    Raises:
+      ValueError: unknown pattern/impl/backend, bad sizes, a window out of order, or a block
+        size that does not divide ``data.seq_len``; the message names the key to fix.
+    """
+    a = config.get("attention")
+    if a is None:
+        return None
+    if int(a.sparse_end) == 0:
+        return None
+    end = int(config.train.num_steps) if int(a.sparse_end) < 0 else int(a.sparse_end)
+    spec = HybridAttention(
+        pattern=Pattern(str(a.pattern), int(a.window), int(a.stride), int(a.summary)),
+        block_size=int(a.block_size), start=int(a.sparse_start), end=end, impl=str(a.impl),
+        backend=str(a.backend))
+    if spec.end <= spec.start:
+        return None
+    kernels.attention_meta(spec.pattern, int(config.data.seq_len), spec.block_size)
+    return spec

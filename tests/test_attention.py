@@ -1,0 +1,233 @@
+"""Hybrid sparse attention: patterns by hand, the block-sparse kernel against the dense masked
+oracle (every backend, values and gradients), the model and the train step's step window."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from sparse_gpt import attention as A
+from sparse_gpt import config as config_lib
+from sparse_gpt import flops as flops_lib
+from sparse_gpt import model as model_lib
+from sparse_gpt import train_lib
+
+BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True)]
+FAST = {"xla_backend_optimization_level": 0}   # 2-3x faster compiles of these tiny programs
+
+
+def _loops(seq_len, allowed):
+    """An [L, L] mask built with Python loops and Python ints (the independent oracle)."""
+    return np.array([[allowed(i, j) for j in range(seq_len)] for i in range(seq_len)], bool)
+
+
+def test_patterns_match_hand_built_masks():
+    L = 10
+    local = _loops(L, lambda i, j: 0 <= i - j < 3)
+    strided = _loops(L, lambda i, j: j <= i and (i - j) % 4 == 0)
+    np.testing.assert_array_equal(A.pattern_mask(A.Pattern("local", window=3), L), local)
+    np.testing.assert_array_equal(A.pattern_mask(A.Pattern("strided", stride=4), L), strided)
+    np.testing.assert_array_equal(
+        A.pattern_mask(A.Pattern("local_strided", window=3, stride=4), L), local | strided)
+    np.testing.assert_array_equal(A.causal_mask(4), np.tril(np.ones((4, 4), bool)))
+    # Fixed blocks of 3 with 1 summary column (positions 2, 5): written out by hand.
+    fixed = np.array([[1, 0, 0, 0, 0, 0, 0],
+                      [1, 1, 0, 0, 0, 0, 0],
+                      [1, 1, 1, 0, 0, 0, 0],
+                      [0, 0, 1, 1, 0, 0, 0],
+                      [0, 0, 1, 1, 1, 0, 0],
+                      [0, 0, 1, 1, 1, 1, 0],
+                      [0, 0, 1, 0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(
+        A.pattern_mask(A.Pattern("fixed", stride=3, summary=1), 7), fixed)
+
+
+def test_block_masks_at_a_block_size():
+    # L = 64, B = 16: a band of 16 touches the diagonal block and the one to its left.
+    np.testing.assert_array_equal(A.block_mask(A.Pattern("local", window=16), 64, 16),
+                                  [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+    # Every 32nd token back: offsets 32 and 64 land in blocks 2 and 4 to the left.
+    np.testing.assert_array_equal(A.block_mask(A.Pattern("strided", stride=32), 64, 16),
+                                  [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1]])
+    meta = kernels.attention_meta(A.Pattern("strided", stride=32), 64, 16)
+    np.testing.assert_array_equal(meta.row_kidx_LbxT, [[0, 0], [1, 1], [0, 2], [1, 3]])
+    np.testing.assert_array_equal(meta.row_count_Lb, [1, 1, 2, 2])
+    np.testing.assert_array_equal(meta.col_qidx_LbxS, [[0, 2], [1, 3], [2, 2], [3, 3]])
+    np.testing.assert_array_equal(meta.col_count_Lb, [2, 2, 1, 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """Keys lo <= i - j < hi: with lo = 1 query 0 sees nothing (its output must be zero)."""
+    lo: int
+    hi: int
+
+    def __call__(self, q, k):
+        return (q - k >= self.lo) & (q - k < self.hi)
+
+
+def _check_kernel(mask_fn, backend, interpret, shape=(2, 64, 2, 16), block=16, dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    q, k, v, ct = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
+    mask = kernels.element_mask(mask_fn, shape[1])
+
+    @functools.partial(jax.jit, compiler_options=FAST)
+    def both(q, k, v, ct):
+        f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+        want, vjp = jax.vjp(lambda *a: kernels.reference_attention(*a, mask), *f32[:3])
+        f = functools.partial(kernels.block_sparse_attention, mask_fn=mask_fn,
+                              block_size=block, backend=backend, interpret=interpret)
+        got, vjp_got = jax.vjp(lambda q, k, v: f(q, k, v), q, k, v)
+        return (got, *vjp_got(ct)), (want, *vjp(f32[3]))
+
+    got, want = both(q, k, v, ct)
+    tol = 3e-2 if dtype == jnp.bfloat16 else 2e-5
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == dtype, (name, g.shape, g.dtype)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=tol,
+                                   rtol=tol, err_msg=f"{backend} {name}")
+    return got
+
+
+@pytest.mark.parametrize("backend,interpret", BACKENDS)
+@pytest.mark.parametrize("pattern", [A.Pattern("local_strided", window=8, stride=24),
+                                     A.Pattern("fixed", stride=32, summary=4)])
+def test_kernel_matches_dense_masked_oracle(backend, interpret, pattern):
+    _check_kernel(pattern, backend, interpret)
+
+
+@pytest.mark.parametrize("backend,interpret", BACKENDS)
+def test_kernel_empty_rows_and_skipped_blocks(backend, interpret):
+    out = _check_kernel(Band(1, 20), backend, interpret)[0]
+    assert not np.asarray(out)[:, 0].any(), "a query with no allowed key outputs zeros"
+
+
+def test_kernel_bf16_and_backend_choice():
+    _check_kernel(A.Pattern("local", window=20), "xla", False, (1, 32, 2, 16), 16, jnp.bfloat16)
+    assert kernels.resolve_attention_backend("auto") == "xla"   # tests run on CPU
+    assert kernels.resolve_attention_backend("auto", "gpu") == "pallas_gpu"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        kernels.resolve_attention_backend("triton")
+    with pytest.raises(ValueError, match="not a multiple of the attention block size"):
+        kernels.block_sparse_attention(*[jnp.zeros((1, 40, 1, 16))] * 3, Band(0, 4),
+                                       block_size=16)
+
+
+def test_xla_kernel_skips_empty_blocks():
+    """Compiled FLOPs follow the block density (local 16 at L=256, B=16: 31/256 blocks)."""
+    pattern = A.Pattern("local", window=16)
+    q = jax.ShapeDtypeStruct((1, 256, 1, 16), jnp.float32)
+
+    def flops(backend):
+        loss = lambda q, k, v: jnp.sum(kernels.block_sparse_attention(   # noqa: E731
+            q, k, v, pattern, block_size=16, backend=backend))
+        cost = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(q, q, q).compile()
+        cost = cost.cost_analysis()
+        return (cost if isinstance(cost, dict) else cost[0])["flops"]
+
+    density = A.block_mask(pattern, 256, 16).mean()
+    assert density == 31 / 256
+    assert flops("xla") < 1.5 * density * flops("reference")
+
+
+def test_pallas_gpu_lowers_to_triton():
+    """Lowering (not compiling) from this CPU host catches Triton-incompatible code."""
+    x = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    pattern = A.Pattern("fixed", stride=64, summary=8)
+    loss = lambda q, k, v: jnp.sum(kernels.block_sparse_attention(  # noqa: E731
+        q, k, v, pattern, block_size=64, backend="pallas_gpu").astype(jnp.float32))
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, x, x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3   # forward, dQ, dK/dV
+
+
+def _tiny_config(**attention):
+    c = config_lib.get_config("tiny")
+    c.unlock()
+    c.model.update(n_layers=2, d_model=32, n_heads=2, vocab_size=32, max_len=64)
+    c.data.seq_len = 64
+    c.train.update(batch_size=2, num_steps=6)
+    c.attention.update(pattern="local_strided", window=8, stride=48, block_size=16,
+                       sparse_start=2, sparse_end=4)
+    c.attention.update(**attention)
+    return c
+
+
+def test_config_window_and_errors():
+    assert A.from_config(_tiny_config(sparse_end=0)) is None           # off by default
+    spec = A.from_config(_tiny_config(sparse_end=-1))
+    assert (spec.start, spec.end, spec.pattern.window) == (2, 6, 8)      # -1: num_steps
+    assert np.asarray(jax.vmap(spec.active)(jnp.arange(7))).tolist() == [0, 0, 1, 1, 1, 1, 0]
+    for bad, message in [(dict(pattern="star"), "Unknown attention.pattern"),
+                         (dict(block_size=24), "attention.block_size"),
+                         (dict(block_size=128), "not a multiple"),
+                         (dict(impl="flash"), "Unknown attention.impl"),
+                         (dict(sparse_start=5), "sparse_start"),
+                         (dict(pattern="fixed", summary=60), "summary")]:
+        with pytest.raises(ValueError, match=message):
+            A.from_config(_tiny_config(**bad))
+    # Pairs per head, local 8 | strided 48 at L=64, B=16: the 4 diagonal blocks, the 3 below
+    # them (offsets 1..31) and block (3, 0) (offset 48); not (2, 0) or (3, 1) (17..47).
+    assert spec.pairs(64) == A.block_mask(spec.pattern, 64, 16).sum() * 256 == 8 * 256
+    assert float(spec.pairs_at(0, 64)) == 64 * 64 and float(spec.pairs_at(3, 64)) == 8 * 256
+    assert dataclasses.replace(spec, impl="masked").pairs(64) == 64 * 64
+
+
+def test_model_sparse_attention_equals_masked_oracle():
+    c = _tiny_config()
+    model = model_lib.GPT(model_lib.ModelConfig.from_config(c))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 64)))
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
+    spec = A.from_config(c)
+    oracle = dataclasses.replace(spec, impl="masked")   # jax's dense attention, [L, L] mask
+
+    @functools.partial(jax.jit, compiler_options=FAST)
+    def logits(step):
+        run = lambda s=None: model.apply(variables, tokens, sparse_attention=s)  # noqa: E731
+        return run(spec.switch(step)), run(oracle.switch(step)), run()
+
+    kernel, masked, dense = logits(2)
+    np.testing.assert_allclose(kernel, masked, atol=1e-6, rtol=1e-5)
+    assert not np.allclose(kernel, dense, atol=1e-3)
+    kernel, masked, dense = logits(5)                  # outside the window: dense
+    np.testing.assert_allclose(kernel, dense, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(masked, dense, atol=1e-6, rtol=0)
+
+
+def test_train_step_switches_by_step_without_recompiling():
+    """One jitted step over steps 0..5 with the window [2, 4): no recompile, the oracle's loss
+    inside the window, and the attention FLOPs of the pattern counted only there."""
+    c = _tiny_config()
+    c.sparsity.update(method="static", density=0.25, sparse_layers="mlp/fc")
+    model, tx, method = train_lib.build(c)
+    spec = A.from_config(c)
+    state = jax.jit(lambda r: train_lib.init_state(c, model, tx, method, r))(jax.random.key(0))
+    step = jax.jit(train_lib.make_train_step(model, tx, method, attention=spec),
+                   compiler_options=FAST)
+    oracle = functools.partial(train_lib.forward,
+                               sparse_attention=dataclasses.replace(spec, impl="masked")
+                               .switch(2))
+    oracle_loss = jax.jit(lambda p, m, b: train_lib.loss_fn(p, m, b, model, oracle),
+                          compiler_options=FAST)
+    rng = np.random.default_rng(1)
+    seq = jnp.asarray(rng.integers(0, 32, (2, 65)))
+    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "weights": jnp.ones((2, 64))}
+    full = float(flops_lib.step_flops(model.cfg, state.masks, 2, 64)["sparse"])
+    # Attention FLOPs in the window: 12 * batch * D * layers * pairs, 64^2 -> 8 * 16^2.
+    saved = 12 * 2 * 32 * 2 * (64 * 64 - 8 * 256)
+    on = []
+    for i in range(6):
+        if i == 2:
+            want = oracle_loss(state.params, state.masks, batch)
+        before = float(state.flops)
+        state, metrics = step(state, batch)
+        on.append(float(metrics["sparse_attention"]))
+        assert float(state.flops) - before == pytest.approx(full - on[-1] * saved), i
+        if i == 2:
+            np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+    assert on == [0, 0, 1, 1, 0, 0]
+    assert step._cache_size() == 1, "the attention switch must not recompile"
