@@ -231,3 +231,27 @@ def test_train_step_switches_by_step_without_recompiling():
             np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     assert on == [0, 0, 1, 1, 0, 0]
     assert step._cache_size() == 1, "the attention switch must not recompile"
+
+
+@pytest.mark.slow
+def test_sharded_training_with_sparse_attention_matches_one_device():
+    """On a data-parallel mesh the kernel runs per device in shard_map (like the matmul)."""
+    from sparse_gpt import sharding, trainer
+
+    c = _tiny_config(sparse_start=1, sparse_end=3)
+    c.train.batch_size = 4
+    tokens = np.random.default_rng(0).integers(0, 32, (4, 64), np.int32)
+    batch = {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1),
+             "weights": np.ones((4, 64), np.float32)}
+    losses = []
+    for data, devices in ((1, jax.devices()[:1]), (4, jax.devices()[:4])):
+        c.mesh.data = data
+        model, tx, method = train_lib.build(c)
+        steps = trainer.make_steps(c, model, tx, method, sharding.make_mesh(c.mesh, devices),
+                                   compiler_options=FAST)
+        state = steps.init(jax.random.key(0))
+        losses.append([])
+        for _ in range(4):
+            state, metrics = steps.train_step(state, batch)
+            losses[-1].append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

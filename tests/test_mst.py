@@ -206,3 +206,40 @@ def test_defaults_registration_and_budget():
     # A final density below the ultra density means no restoration (never prunes there).
     flat = methods.build(_config(mst_final_density=0.05)).phase_densities(_masks(p))
     assert flat[FC] == (0.1, 0.1)
+
+
+@pytest.mark.slow
+def test_train_py_run_density_goes_down_then_up(tmp_path):
+    """train.py with MST and hybrid attention on a small corpus slice: metrics.jsonl shows
+    the phases (dense, warm-up, ultra-sparse, restoration) and the attention window."""
+    import gzip
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with gzip.open(os.path.join(root, "sparse_gpt", "corpus", "shakespeare.jsonl.gz")) as f:
+        (tmp_path / "doc.txt").write_text(json.loads(f.readline())["text"][:20_000])
+    flags = {"data.path": tmp_path / "doc.txt", "data.data_dir": tmp_path / "tfds",
+             "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "data.seq_len": 64,
+             "train.batch_size": 4, "train.num_steps": 60, "train.log_every": 5,
+             "train.eval_every": 60, "train.checkpoint_every": 60, "train.sample_tokens": 8,
+             "train.progress_bar": False, "sparsity.method": "mst", "sparsity.density": 0.1,
+             "sparsity.distribution": "erk", "sparsity.update_every": 10,
+             "sparsity.update_end": 50, "sparsity.mst_warmup_end": 20,
+             "sparsity.mst_ultra_end": 30, "sparsity.mst_final_density": 0.5,
+             "attention.sparse_start": 10, "attention.sparse_end": 30,
+             "attention.window": 16, "attention.stride": 32, "attention.block_size": 16}
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--workdir", str(tmp_path / "run")]
+    cmd += [f"--config.{k}={v}" for k, v in flags.items()]
+    subprocess.run(cmd, check=True, cwd=root, capture_output=True)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    density = {r["step"]: r["density"] for r in rows}
+    # Logged at step s: the masks step s - 1 ran with (updates at 0, 10, ..., 50).
+    assert density[5] == density[10] == 1.0
+    assert density[15] == pytest.approx(0.2125, abs=2e-3)       # warm-up, cubic at 1/2
+    assert density[25] == density[30] == pytest.approx(0.1, abs=2e-3)
+    assert density[45] == pytest.approx(0.3, abs=2e-3)           # restoration, linear
+    assert density[60] == pytest.approx(0.5, abs=2e-3)
+    assert [r["sparse_attention"] for r in rows][:7] == [0, 0, 1, 1, 1, 1, 0]
