@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sparse_gpt import tokenizers
 from sparse_gpt.layers import SparseDense, logical_init
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,6 +50,7 @@ class ModelConfig:
     kernel_backend: str = "auto"
     block_size: int = 128
     block_density: float = 1.0
+    num_tokens: int = 0          # the tokenizer's vocabulary; 0: all vocab_size rows are real
 
     @property
     def ff(self) -> int:
@@ -65,6 +67,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in m.items() if k in names}
         kwargs["block_size"] = config.sparsity.block_size
+        kwargs["num_tokens"] = tokenizers.VOCAB_SIZES.get(config.data.tokenizer, 0)
         if m.matmul == "block_sparse":
             from sparse_gpt import methods  # the budget covers the densest layer ever held
             kwargs["block_density"] = methods.max_layer_density(config)
@@ -216,7 +219,15 @@ class GPT(nn.Module):
 
     def head(self, x_BxLxD: jax.Array) -> jax.Array:
         """Final LayerNorm and the tied LM head; logits in float32."""
-        return self.wte.attend(self.ln_f(x_BxLxD)).astype(jnp.float32)
+        logits_BxLxV = self.wte.attend(self.ln_f(x_BxLxD)).astype(jnp.float32)
+        num_tokens = self.cfg.num_tokens
+        if 0 < num_tokens < self.cfg.vocab_size:
+            # Rows past the tokenizer's vocabulary only pad the table (to a multiple of 64 or
+            # 8); no target is ever there, and imported weights have zeros there, which would
+            # otherwise outscore every real token.
+            real_V = jnp.arange(self.cfg.vocab_size) < num_tokens
+            logits_BxLxV = jnp.where(real_V, logits_BxLxV, -1e9)
+        return logits_BxLxV
 
     def __call__(self, tokens_BxL: jax.Array, sparse_attention: Any = None) -> jax.Array:
         """Logits ``[B, L, V]``; ``sparse_attention``: an ``attention.Switch`` (MST's hybrid

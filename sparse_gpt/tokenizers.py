@@ -150,6 +150,11 @@ class GPT2Tokenizer:
                             lambda run: self._enc.decode(run, errors="replace"))
 
 
+# Vocabulary size of each tokenizer name, known without loading any file (the model masks
+# the logits of its padding rows past it).
+VOCAB_SIZES = {"byte": ByteTokenizer.vocab_size, "gpt2": 50257}
+
+
 def get_tokenizer(data_config) -> ByteTokenizer | GPT2Tokenizer:
     """Returns the tokenizer named by ``data_config.tokenizer``.
 

@@ -170,3 +170,21 @@ def test_presets_have_the_documented_sizes():
     n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
     expected = (12 * 4 * 128 ** 2 + 4 * (13 * 128) + 2 * 128 + (264 + 256) * 128)
     assert n_params == expected
+
+
+def test_padding_rows_of_the_vocabulary_never_take_probability():
+    # Oracle: log-softmax over the tokenizer's 60 real tokens only. Zero padding rows (as an
+    # imported checkpoint has them) would otherwise score 0 and outrank every real token.
+    cfg = tiny_cfg(num_tokens=60)
+    model, variables, tokens = init(cfg)
+    params = jax.tree.map(lambda x: x, variables["params"])
+    params["wte"]["embedding"] = params["wte"]["embedding"].at[60:].set(0.0)
+    logits = model.apply({"params": params, "masks": variables["masks"]}, tokens)
+    unmasked = model_lib.GPT(tiny_cfg()).apply({"params": params, "masks": variables["masks"]},
+                                               tokens)
+    expected = jax.nn.log_softmax(unmasked[..., :60], axis=-1)
+    np.testing.assert_allclose(jax.nn.log_softmax(logits, axis=-1)[..., :60], expected,
+                               atol=1e-5)
+    assert float(jax.nn.softmax(logits, axis=-1)[..., 60:].max()) == 0.0
+    assert tiny_cfg(num_tokens=0).num_tokens == 0
+    assert model_lib.ModelConfig.from_config(config_lib.get_config("tiny")).num_tokens == 257
