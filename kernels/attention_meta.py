@@ -131,20 +131,36 @@ def attention_meta(mask_fn, seq_len: int, block_size: int) -> AttentionMeta:
     return AttentionMeta(seq_len, block_size, blocks, row_kidx, row_count, col_qidx, col_count)
 
 
-def in_block_mask(mask_fn, idx_LbxT: np.ndarray, count_Lb: np.ndarray, block_size: int,
-                  transpose: bool = False) -> np.ndarray:
-    """Element mask of gathered blocks, padding False: ``[Lb, B, T*B]`` (row view).
+def in_block_mask(mask_fn, idx_RxT: np.ndarray, count_R: np.ndarray, block_size: int,
+                  transpose: bool = False, rows_R: np.ndarray | None = None) -> np.ndarray:
+    """Element mask of gathered blocks, padding False: ``[R, B, T*B]`` (row view).
 
-    With ``transpose`` (column view: ``idx`` lists query blocks of each key block) the result
-    is ``[Lb, T*B, B]``, query positions first.
+    ``rows_R`` are the block indices of the ``R`` rows (default ``0 .. R-1``). With
+    ``transpose`` (column view: ``idx`` lists query blocks of each key block) the result is
+    ``[R, T*B, B]``, query positions first.
     """
-    lb, t = idx_LbxT.shape
+    r, t = idx_RxT.shape
     b = block_size
-    own = np.arange(lb)[:, None] * b + np.arange(b)[None, :]                  # [Lb, B]
-    other = (idx_LbxT[:, :, None] * b + np.arange(b)).reshape(lb, t * b)      # [Lb, T*B]
-    real = np.repeat(np.arange(t)[None, :] < count_Lb[:, None], b, axis=1)    # [Lb, T*B]
+    rows_R = np.arange(r) if rows_R is None else np.asarray(rows_R)
+    own = rows_R[:, None] * b + np.arange(b)[None, :]                          # [R, B]
+    other = (idx_RxT[:, :, None] * b + np.arange(b)).reshape(r, t * b)        # [R, T*B]
+    real = np.repeat(np.arange(t)[None, :] < count_R[:, None], b, axis=1)     # [R, T*B]
     if transpose:
-        allowed = mask_fn(other[:, :, None], own[:, None, :])                  # [Lb, TB, B]
+        allowed = mask_fn(other[:, :, None], own[:, None, :])                  # [R, TB, B]
         return np.asarray(allowed, bool) & real[:, :, None]
-    allowed = mask_fn(own[:, :, None], other[:, None, :])                      # [Lb, B, TB]
+    allowed = mask_fn(own[:, :, None], other[:, None, :])                      # [R, B, TB]
     return np.asarray(allowed, bool) & real[:, None, :]
+
+
+def row_groups(count_Lb: np.ndarray, max_groups: int = 8) -> list[tuple[np.ndarray, int]]:
+    """Static buckets of rows by padded width: ``[(rows, width)]`` covering every row once.
+
+    A single static budget pads every row to the longest one; causal strided patterns have
+    row counts growing from 1 to T, so that wastes about half the work. Rounding each count
+    up to a multiple of ``ceil(T / max_groups)`` leaves at most ``max_groups`` widths, each
+    one batched GEMM, with at most ``T / max_groups`` padding per row.
+    """
+    t = max(int(count_Lb.max(initial=0)), 1)
+    step = -(-t // max_groups)
+    width = np.clip(-(-count_Lb // step) * step, 1, t)   # an empty row still gets one block
+    return [(np.nonzero(width == w)[0], int(w)) for w in np.unique(width)]
