@@ -60,6 +60,18 @@ def test_block_masks_at_a_block_size():
     np.testing.assert_array_equal(meta.col_count_Lb, [2, 2, 1, 1])
 
 
+def test_row_groups_cover_every_row_with_enough_width():
+    from kernels.attention_meta import row_groups
+
+    count = np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 0])
+    groups = row_groups(count, max_groups=4)                 # step ceil(10 / 4) = 3
+    assert [w for _, w in groups] == [1, 3, 6, 9, 10]         # 0 -> 1 block; 10 capped at T
+    rows = np.concatenate([r for r, _ in groups])
+    assert sorted(rows.tolist()) == list(range(20))
+    for r, w in groups:
+        assert (count[r] <= w).all() and (w - count[r] < 3).all()
+
+
 @dataclasses.dataclass(frozen=True)
 class Band:
     """Keys lo <= i - j < hi: with lo = 1 query 0 sees nothing (its output must be zero)."""

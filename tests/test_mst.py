@@ -108,6 +108,19 @@ def test_phase_boundaries_give_hand_computed_counts():
     assert (grown - dropped).tolist() == [205, 205] and (dropped <= 4).all()
 
 
+def test_column_balanced_blocks_keep_structure_and_counts():
+    """2x2 blocks, column-balanced (the block-sparse kernels' layout): fc has Kb = 8 blocks
+    per output block column, so the per-column counts are round(8 d): 8, 2 (d = 0.2125),
+    1 (0.1), 2 (0.3), 4 (0.5)."""
+    m = methods.build(_config(structure="block", block_size=2, sparse_layers="mlp/fc"))
+    hist = _run(m, 31)
+    for step, per_col in {-1: 8, 5: 2, 10: 1, 15: 1, 25: 2, 30: 4}.items():
+        mask = np.asarray(M.flatten(hist[step + 1])[FC])                # [2, 16, 64]
+        assert bool(M.is_block_structured(jnp.asarray(mask), (2, 2))), step
+        blocks = mask.reshape(N, 8, 2, 32, 2).all(axis=(2, 4))           # [2, Kb=8, Nb=32]
+        assert (blocks.sum(axis=1) == per_col).all(), step
+
+
 def test_scheduled_density_curve():
     m = methods.build(_config(distribution="erk"))
     masks = _masks(_params())
