@@ -187,6 +187,8 @@ def test_config_window_and_errors():
     assert spec.pairs(64) == A.block_mask(spec.pattern, 64, 16).sum() * 256 == 8 * 256
     assert float(spec.pairs_at(0, 64)) == 64 * 64 and float(spec.pairs_at(3, 64)) == 8 * 256
     assert dataclasses.replace(spec, impl="masked").pairs(64) == 64 * 64
+    with pytest.raises(ValueError, match="unpipelined"):   # a pipelined forward: refuse
+        train_lib.make_train_step(None, None, None, forward=lambda *a: None, attention=spec)
 
 
 def test_model_sparse_attention_equals_masked_oracle():
