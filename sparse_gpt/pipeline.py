@@ -14,7 +14,11 @@ its activation to stage s + 1 with ``ppermute`` (the last stage's output goes ro
 0 for the next repeat, where it waits in the microbatch buffer). Each stage is busy for
 ``R M`` of the ticks, so the idle ("bubble") fraction is ``(S - 1) / (R M + S - 1)``.
 ``jax.grad`` of the loop is the backward pipeline: ppermute transposes to the reverse shift,
-and the scan sums each stage's weight gradient over its microbatches.
+and the scan sums each stage's weight gradient over its microbatches. Memory: GPipe keeps
+every tick's block activations for the backward pass (``model.remat`` shrinks that to block
+inputs); the circular schedule recomputes each stage-tick from its input (one activation per
+tick, about a third more FLOPs), because its per-tick weight choice would otherwise be saved
+once per tick.
 
 :func:`make_forward` returns a drop-in for ``train_lib.forward``: the same params and masks
 trees go in, so checkpoints, sparsity methods and FLOP counts do not know about stages.
@@ -117,9 +121,15 @@ def _stage_loop(params_RxJ, masks_RxJ, x_MxBxLxD, *, blocks: nn.Module,
     # A GPipe microbatch never returns to stage 0, so the ring is open there.
     ring = [(i, (i + 1) % s_count) for i in range(s_count - (repeats == 1))]
 
-    def run_stage(p, m, x_BxLxD):
+    def run_stage(r, x_BxLxD):
+        p, m = _take(params_RxJ, r), _take(masks_RxJ, r)
         variables = {"params": p} if m is None else {"params": p, "masks": m}
         return blocks.apply(variables, x_BxLxD, None)[0]
+
+    if repeats > 1:
+        # The repeat's weights are picked per tick; saved for the backward pass they would be
+        # stacked T times. Recomputing the stage from (r, x) keeps one activation per tick.
+        run_stage = jax.checkpoint(run_stage, prevent_cse=False)
 
     def tick(carry, t):
         recv_BxLxD, src_MxBxLxD, out_MxBxLxD = carry
@@ -130,8 +140,9 @@ def _stage_loop(params_RxJ, masks_RxJ, x_MxBxLxD, *, blocks: nn.Module,
                 src_MxBxLxD, jnp.where(t >= s_count, recv_BxLxD, old), back, 0)
         fresh = jax.lax.dynamic_index_in_dim(src_MxBxLxD, t % m_count, 0, keepdims=False)
         x_BxLxD = jnp.where(stage == 0, fresh, recv_BxLxD)
-        r = jnp.clip((t - stage) // m_count, 0, repeats - 1)  # idle ticks compute garbage
-        y_BxLxD = run_stage(_take(params_RxJ, r), _take(masks_RxJ, r), x_BxLxD)
+        # GPipe: a static index, so weights stay loop-invariant (not saved per tick).
+        r = jnp.clip((t - stage) // m_count, 0, repeats - 1) if repeats > 1 else 0
+        y_BxLxD = run_stage(r, x_BxLxD)  # idle ticks compute on garbage
         done = (t - (s_count - 1)) % m_count
         old = jax.lax.dynamic_index_in_dim(out_MxBxLxD, done, 0, keepdims=False)
         last = (stage == s_count - 1) & (t >= (repeats - 1) * m_count + s_count - 1)
