@@ -204,10 +204,11 @@ def test_init_from_hf_starts_at_the_imported_models_loss(corpus, tmp_path):
     batch = next(data_lib.make_data(config.data, 8, config.data.seed).train_iterator())
     expected = float(train_lib.loss_fn(params, masks, batch, model))
     assert first["loss"] == pytest.approx(expected, rel=1e-5)
-    # The same loss from the numpy GPT-2 over the padded vocabulary (zero logits past 257).
+    # The same loss from the numpy GPT-2 over its own 257 tokens: the model's padding rows
+    # (257..263) never take probability.
     nll = []
     for ids, tgt in zip(batch["inputs"], batch["targets"]):
-        logits = np.pad(np_gpt2_logits(tensors, cfg, ids), ((0, 0), (0, 264 - 257)))
+        logits = np_gpt2_logits(tensors, cfg, ids)
         top = logits.max(-1, keepdims=True)
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         nll.append(-logp[np.arange(len(tgt)), tgt])
