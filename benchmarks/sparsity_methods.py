@@ -56,6 +56,8 @@ def main(argv=None):
     p.add_argument("--densities", default="0.25,0.5,0.1", help="densities of sparse runs")
     p.add_argument("--workdir", default="/tmp/sparse_gpt_bench_methods")
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/...)")
+    p.add_argument("--table_only", action="store_true",
+                   help="write the table of the runs in WORKDIR/rows.jsonl, run nothing")
     args = p.parse_args(argv)
     # Finished runs are kept in WORKDIR/rows.jsonl, so an interrupted benchmark resumes where
     # it stopped; runs go density by density, so the first ones already compare all methods.
@@ -68,7 +70,7 @@ def main(argv=None):
     methods = args.methods.split(",")
     plan = [("dense", 1.0)] if "dense" in methods else []
     plan += [(m, float(d)) for d in args.densities.split(",") for m in methods if m != "dense"]
-    for method, density in plan:
+    for method, density in ([] if args.table_only else plan):
         sparsity = 0.0 if method == "dense" else 1 - density
         if any(r["method"] == method and abs(r["sparsity"] - sparsity) < 1e-9 for r in rows):
             continue
@@ -76,6 +78,11 @@ def main(argv=None):
         print(rows[-1], flush=True)
         with open(rows_path, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
+    write_table(rows, args)
+
+
+def write_table(rows: list[dict], args) -> None:
+    """Writes the markdown table of ``rows`` to ``args.out`` (and prints it)."""
     dense = next((r for r in rows if r["method"] == "dense"), None)
     lines = [f"# Sparsity methods on `{args.preset}`, {args.steps} steps, bundled corpus",
              "", f"Date: {datetime.date.today()}; machine: {platform.processor() or 'cpu'}, "
