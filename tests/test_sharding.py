@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparse_gpt import cli, sharding, train_lib, trainer
+from sparse_gpt import checkpoint, cli, sharding, train_lib, trainer
 from sparse_gpt import config as config_lib
 from sparse_gpt import model as model_lib
 
@@ -102,6 +102,33 @@ def test_masks_and_optimizer_state_take_their_params_shardings():
     adam = sh.opt_state[1][0]
     assert adam.mu == sh.params and adam.nu == sh.params
     assert adam.count == NamedSharding(mesh, P()) and sh.step == NamedSharding(mesh, P())
+
+
+def test_a_checkpoint_restores_onto_the_mesh(tmp_path):
+    config = small_config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.stage": 2})
+    model, tx, method = train_lib.build(config)
+    steps = trainer.make_steps(config, model, tx, method, compiler_options=FAST)
+    state = steps.init(jax.random.key(0))
+    abstract = jax.eval_shape(steps.init, jax.random.key(0))   # what restore_or_init uses
+    meta = checkpoint.make_meta(model.cfg, abstract)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(0, state, {}, meta)
+    restored, _, _ = ckpt.restore(abstract, meta)
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(a, b)
+    assert restored.params["blocks"]["mlp"]["fc"]["kernel"].sharding.spec == P(
+        "stage", "fsdp", "tensor")
+
+
+def test_distributed_start_only_when_the_environment_asks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append(1))
+    assert not sharding.maybe_initialize_distributed({})
+    assert sharding.maybe_initialize_distributed({"SPARSE_GPT_DISTRIBUTED": "1"})
+    assert sharding.maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert len(calls) == 2
 
 
 def test_every_variable_has_logical_names_and_masks_mirror_kernels():
