@@ -60,6 +60,7 @@ def test_block_sparse_kernel_path_matches_masked_oracle_in_the_model():
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_rigl_on_block_kernels_trains_like_the_masked_model():
     steps = 8   # updates at steps 0, 3, 6
     ref_state, ref_hist, _ = run(make_config(), steps)
