@@ -83,6 +83,21 @@ def list_source_files(path: str) -> tuple[str, list[str]]:
     return path, sorted(files)
 
 
+def json_lines(f, where: str, hint: str):
+    """Yields ``(line_number, object)`` for the non-blank lines of a JSONL file.
+
+    Raises:
+      ValueError: a line is not JSON; the message names ``where:line`` and ends with ``hint``.
+    """
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{n} is not JSON ({e}). {hint}") from e
+
+
 def read_documents(root: str, files: list[str]) -> list[tuple[str, str]]:
     """Returns ``(doc_id, text)`` of every non-empty document, in file and line order.
 
@@ -98,14 +113,8 @@ def read_documents(root: str, files: list[str]) -> list[tuple[str, str]]:
                 if rel.endswith((".txt", ".txt.gz")):
                     docs.append((rel, f.read()))
                     continue
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{full}:{n} is not JSON ({e}). A .jsonl file needs "
-                                         f"one {{\"text\": ...}} object per line.") from e
+                for n, obj in json_lines(f, full, "A .jsonl file needs one "
+                                         "{\"text\": ...} object per line."):
                     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                         raise ValueError(f"{full}:{n} has no string field \"text\". A .jsonl "
                                          f"file needs one {{\"text\": ...}} object per line.")

@@ -24,7 +24,6 @@ dropped and counted in ``dropped``.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from typing import Sequence
 
@@ -50,16 +49,11 @@ def read_examples(root: str, files: Sequence[str]) -> list[tuple[str, tuple[str,
         if not rel.endswith(SFT_SUFFIXES):
             raise ValueError(f"{full} is not .jsonl(.gz); data.format=sft reads JSONL only. "
                              f"{_HOW}")
+        from sparse_gpt import data  # data.py imports this module at its top
         opener = gzip.open if rel.endswith(".gz") else open
         try:
             with opener(full, "rt", encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{full}:{n} is not JSON ({e}). {_HOW}") from e
+                for n, obj in data.json_lines(f, full, _HOW):
                     if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
                             and isinstance(obj.get("response"), str)):
                         raise ValueError(f"{full}:{n} lacks a string \"prompt\" or "
