@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from sparse_gpt import cli, hf_import, init_from, train_lib, trainer
-from sparse_gpt import config as config_lib
+from sparse_gpt import hf_import, init_from, train_lib, trainer
 from sparse_gpt import data as data_lib
 from sparse_gpt import model as model_lib
 from sparse_gpt.metrics import load_metrics
+
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,32 +163,13 @@ def test_missing_files(tmp_path):
 
 
 # ---------------------------------------------------------------- init_from
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small slice of the bundled corpus as .txt files, and a TFDS cache."""
-    import gzip
-    root = tmp_path_factory.mktemp("corpus")
-    with gzip.open(os.path.join(ROOT, "sparse_gpt", "corpus", "shakespeare.jsonl.gz")) as f:
-        docs = [json.loads(line)["text"] for line in f][:4]
-    for i, doc in enumerate(docs):
-        (root / f"doc{i}.txt").write_text(doc[:6_000])
-    return str(root), str(tmp_path_factory.mktemp("tfds"))
+# Batch 8: one row per fake device.
+_HF_RUN = {"train.batch_size": 8, "train.log_every": 1, "train.eval_batches": 1,
+           "train.sample_tokens": 4}
 
 
 def small_config(corpus, **overrides):
-    """A two-layer byte model on a slice of the corpus (batch 8: one row per fake device)."""
-    path, data_dir = corpus
-    c = config_lib.get_config("tiny")
-    for key, value in dict({"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2,
-                            "model.max_len": 32, "data.seq_len": 32, "data.path": path,
-                            "data.data_dir": data_dir, "train.batch_size": 8,
-                            "train.num_steps": 8, "train.warmup_steps": 2,
-                            "train.log_every": 1, "train.eval_every": 4,
-                            "train.eval_batches": 1, "train.checkpoint_every": 4,
-                            "train.sample_tokens": 4, "train.progress_bar": False},
-                           **overrides).items():
-        cli.apply_override(c, key, str(value))
-    return c
+    return helpers.small_config(corpus, **{**_HF_RUN, **overrides})
 
 
 def test_init_from_hf_starts_at_the_imported_models_loss(corpus, tmp_path):

@@ -12,37 +12,11 @@ import numpy as np
 import pytest
 
 from sparse_gpt import checkpoint, cli, trainer
-from sparse_gpt import config as config_lib
 from sparse_gpt.metrics import load_metrics
 
+from helpers import small_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A ~60 KB slice of the bundled corpus as .txt files, and a shared TFDS cache."""
-    import gzip
-    root = tmp_path_factory.mktemp("corpus")
-    with gzip.open(os.path.join(ROOT, "sparse_gpt", "corpus", "shakespeare.jsonl.gz")) as f:
-        docs = [json.loads(line)["text"] for line in f][:6]
-    for i, doc in enumerate(docs):
-        (root / f"doc{i}.txt").write_text(doc[:10_000])
-    return str(root), str(tmp_path_factory.mktemp("tfds"))
-
-
-def small_config(corpus, **overrides):
-    path, data_dir = corpus
-    c = config_lib.get_config("tiny")
-    for key, value in dict({"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2,
-                            "model.max_len": 32, "data.seq_len": 32, "data.path": path,
-                            "data.data_dir": data_dir, "train.batch_size": 4,
-                            "train.num_steps": 8, "train.warmup_steps": 2,
-                            "train.log_every": 2, "train.eval_every": 4,
-                            "train.eval_batches": 2, "train.checkpoint_every": 4,
-                            "train.sample_tokens": 8, "train.progress_bar": False},
-                           **overrides).items():
-        cli.apply_override(c, key, str(value))
-    return c
 
 
 def leaves(state):
