@@ -148,6 +148,20 @@ def base_config() -> ml_collections.ConfigDict:
         backend="auto",          # auto | xla | pallas_gpu | reference
     ))
 
+    # SAT (sparse_gpt/sat.py): per step and layer, omit this fraction of attention heads and
+    # MLP channels (no compute, zero gradient), chosen by importance; for continual
+    # pretraining / fine-tuning from train.init_from. Evaluation stays dense.
+    c.sat = ml_collections.ConfigDict(dict(
+        omission_rate=0.0,       # fraction of units omitted per layer and step (0: off)
+        targets="heads,mlp",     # which units: heads, mlp, or both
+        metric="magnitude",      # uniform | magnitude | wanda | max_inner_product
+        selection="topk",        # topk | sample (in proportion to importance)
+        schedule="ladder",       # ladder (constant, then stairs down to dense) | constant
+        ladder_start=0.5,        # ladder: fraction of num_steps at the first stair down
+        ladder_stairs=2,         # ladder: stairs from omission_rate to 0 (the last is dense)
+        probe_tokens=256,        # max_inner_product: tokens the score is computed on
+    ))
+
     # Device mesh (sparse_gpt/sharding.py) and pipeline (sparse_gpt/pipeline.py). The product
     # of the four sizes is the device count; e.g. 8 devices as 2 data x 4 stages:
     #   python train.py --config.mesh.stage=4 --config.mesh.data=2

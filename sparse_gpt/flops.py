@@ -11,6 +11,9 @@ Counting rules (multiply-add = 2 FLOPs; T = batch_size * seq_len tokens):
   (the causal half is not subtracted, as in most published counts). While a sparse
   attention pattern is on (MST's hybrid attention), the sparse count replaces ``L^2`` by the
   (query, key) pairs the pattern computes (``attention.HybridAttention.pairs``).
+* SAT's neuron omission (``kept_heads``, ``kept_channels``: the fractions computed this
+  step) scales the attention kernels and the attention products by the kept heads and the
+  MLP kernels by the kept channels, in the sparse count.
 * The LM head ``[D, V]``: ``6 T D V``, dense. Embedding lookups, LayerNorm, softmax,
   biases and the optimizer are not counted (they are O(T D), not O(T D^2)).
 """
@@ -38,7 +41,8 @@ def kernel_shapes(model_config) -> dict[str, tuple[int, int, int]]:
 
 
 def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
-               dense_weight_grad=False, attention_pairs=None) -> dict[str, jnp.ndarray]:
+               dense_weight_grad=False, attention_pairs=None, kept_heads=1.0,
+               kept_channels=1.0) -> dict[str, jnp.ndarray]:
     """Training FLOPs of one step (forward + backward), dense and with ``masks``.
 
     Usable inside and outside ``jit`` (counts are float32 jnp scalars).
@@ -65,14 +69,16 @@ def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
         size = float(shape[0] * shape[1] * shape[2])
         live = (jnp.sum(flat[path], dtype=jnp.float32) if path in flat
                 else jnp.asarray(size, jnp.float32))
+        kept = kept_channels if path.startswith("blocks/mlp/") else kept_heads
+        live = live * kept
         dense += 6.0 * tokens * size
-        dw = jnp.where(dense_weight_grad, size, live)
+        dw = jnp.where(dense_weight_grad, size * kept, live)
         sparse += 2.0 * tokens * (2.0 * live + dw)
     head = 6.0 * tokens * d * int(model_config.vocab_size)                    # LM head
     attn = 3.0 * 4.0 * batch_size * d * n_layers                              # QK^T, PV
     pairs = float(seq_len) ** 2 if attention_pairs is None else attention_pairs
     return dict(dense=dense + attn * float(seq_len) ** 2 + head,
-                sparse=sparse + attn * jnp.asarray(pairs, jnp.float32) + head)
+                sparse=sparse + attn * jnp.asarray(pairs, jnp.float32) * kept_heads + head)
 
 
 def density(masks: Tree) -> jnp.ndarray:

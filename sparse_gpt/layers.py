@@ -75,6 +75,8 @@ class SparseDense(nn.Module):
       kernel_backend: backend of kernels.block_sparse_matmul ("auto", "xla", ...).
       kernel_axes: logical axis names of the [K, N] kernel (and of its mask; the bias gets
         the N name).
+      in_features: K; None takes it from the input (must be set when ``in_index`` slices
+        the input).
     """
     features: int
     use_bias: bool = True
@@ -87,9 +89,19 @@ class SparseDense(nn.Module):
     kernel_backend: str = "auto"
     kernel_axes: tuple[str | None, str | None] = (None, None)
 
+    in_features: int | None = None
+
     @nn.compact
-    def __call__(self, x_xK: jax.Array) -> jax.Array:
-        k_in = x_xK.shape[-1]
+    def __call__(self, x_xK: jax.Array, in_index: jax.Array | None = None,
+                 out_index: jax.Array | None = None) -> jax.Array:
+        """``x @ kernel + bias``; with indices, only the gathered part (SAT's omission).
+
+        Args:
+          x_xK: input; with ``in_index`` its last dim holds only those kernel rows.
+          in_index: kernel rows (input features) to use, or None for all.
+          out_index: kernel columns (output features) to compute, or None for all.
+        """
+        k_in = self.in_features or x_xK.shape[-1]
         kernel_KxN = self.param("kernel", logical_init(self.kernel_init, self.kernel_axes),
                                 (k_in, self.features), self.param_dtype)
         if self.is_initializing() or self.has_variable("masks", "kernel"):
@@ -101,6 +113,15 @@ class SparseDense(nn.Module):
 
         x_xK = x_xK.astype(self.dtype)
         kernel_KxN = kernel_KxN.astype(self.dtype)
+        sliced = in_index is not None or out_index is not None
+        if sliced:
+            # Gather the kept rows/columns: the matmul shrinks and the gradient of every other
+            # entry is exactly zero (the gather's transpose scatters into zeros).
+            if mask_KxN is not None and self.matmul != "masked":
+                raise ValueError("SAT's neuron omission slices dense kernels; it needs "
+                                 "--config.model.matmul=masked (not block_sparse).")
+            kernel_KxN = _take(kernel_KxN, in_index, out_index)
+            mask_KxN = None if mask_KxN is None else _take(mask_KxN, in_index, out_index)
         if mask_KxN is None:
             y_xN = x_xK @ kernel_KxN
         elif self.matmul == "masked" or self.is_initializing():
@@ -116,8 +137,18 @@ class SparseDense(nn.Module):
             bias_N = self.param("bias", logical_init(nn.initializers.zeros,
                                                      self.kernel_axes[1:]),
                                 (self.features,), self.param_dtype)
+            if out_index is not None:
+                bias_N = bias_N[out_index]
             y_xN = y_xN + bias_N.astype(self.dtype)
         return y_xN
+
+
+def _take(w_KxN: jax.Array, rows: jax.Array | None, cols: jax.Array | None) -> jax.Array:
+    if rows is not None:
+        w_KxN = jnp.take(w_KxN, rows, axis=0)
+    if cols is not None:
+        w_KxN = jnp.take(w_KxN, cols, axis=1)
+    return w_KxN
 
 
 def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, block_density, backend):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sparse_gpt import sat as sat_lib
 from sparse_gpt import tokenizers
 from sparse_gpt.layers import SparseDense, logical_init
 
@@ -97,11 +98,17 @@ class ModelConfig:
 
 
 def _dense(cfg: ModelConfig, features: int, name: str, std: float,
-           axes: tuple[str, str]) -> SparseDense:
+           axes: tuple[str, str], in_features: int | None = None) -> SparseDense:
     return SparseDense(features, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                        kernel_init=nn.initializers.normal(std), matmul=cfg.matmul,
                        block_size=cfg.block_size, block_density=cfg.block_density,
-                       kernel_backend=cfg.kernel_backend, kernel_axes=axes, name=name)
+                       kernel_backend=cfg.kernel_backend, kernel_axes=axes,
+                       in_features=in_features, name=name)
+
+
+def _omitting(module: nn.Module, omission: Any, keep: int | None) -> bool:
+    """Whether ``module`` computes only ``keep`` units this call (SAT; never at init)."""
+    return omission is not None and keep is not None and not module.is_initializing()
 
 
 def _layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
@@ -127,15 +134,35 @@ def rope(x_BxLxHxK: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with a fused QKV projection."""
+    """Causal multi-head self-attention with a fused QKV projection.
+
+    ``omission`` (a ``sat.Omission`` or None): compute only ``keep_heads`` heads this call,
+    chosen by its importance metric; the others cost nothing and get zero gradient.
+    """
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, sparse_attention: Any = None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, sparse_attention: Any = None,
+                 omission: Any = None) -> jax.Array:
         cfg = self.cfg
         b, seq_len, d = x_BxLxD.shape
-        qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std, ("embed", "qkv"))(x_BxLxD)
-        q, k, v = jnp.split(qkv_BxLx3D.reshape(b, seq_len, 3, cfg.n_heads, cfg.head_dim), 3,
+        n_heads, cols, rows = cfg.n_heads, None, None
+        if _omitting(self, omission, getattr(omission, "keep_heads", None)):
+            p = self.variables["params"]
+            qkv_Dx3xHxK = p["qkv"]["kernel"].reshape(d, 3, cfg.n_heads, cfg.head_dim)
+            out_HxKxD = p["out"]["kernel"].reshape(cfg.n_heads, cfg.head_dim, d)
+            scores_H = sat_lib.unit_scores(
+                omission.metric, x_BxLxD, qkv_Dx3xHxK.transpose(0, 2, 1, 3).reshape(
+                    d, cfg.n_heads, 3 * cfg.head_dim), out_HxKxD, self.make_rng("sat"),
+                omission.probe_tokens)
+            heads_h = sat_lib.select(scores_H, omission.keep_heads, omission.selection,
+                                     self.make_rng("sat"))
+            n_heads = omission.keep_heads
+            cols = sat_lib.head_columns(cfg.n_heads, cfg.head_dim, heads_h)
+            rows = sat_lib.head_rows(cfg.head_dim, heads_h)
+        qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std, ("embed", "qkv"))(
+            x_BxLxD, out_index=cols)
+        q, k, v = jnp.split(qkv_BxLx3D.reshape(b, seq_len, 3, n_heads, cfg.head_dim), 3,
                             axis=2)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t[:, :, 0] for t in (q, k, v))
         if cfg.use_rope:
@@ -146,21 +173,31 @@ class Attention(nn.Module):
         else:  # attention.Switch: the sparse pattern while its traced flag is on
             out_BxLxHxK = sparse_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
-        return _dense(cfg, d, "out", out_std, ("heads", "embed"))(
-            out_BxLxHxK.reshape(b, seq_len, d))
+        return _dense(cfg, d, "out", out_std, ("heads", "embed"), in_features=d)(
+            out_BxLxHxK.reshape(b, seq_len, n_heads * cfg.head_dim), in_index=rows)
 
 
 class MLP(nn.Module):
-    """GELU MLP: D -> F -> D."""
+    """GELU MLP: D -> F -> D; with ``omission``, only ``keep_channels`` of the F channels."""
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, omission: Any = None) -> jax.Array:
         cfg = self.cfg
-        h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std, ("embed", "mlp"))(x_BxLxD))
+        channels = None
+        if _omitting(self, omission, getattr(omission, "keep_channels", None)):
+            p = self.variables["params"]
+            scores_F = sat_lib.unit_scores(
+                omission.metric, x_BxLxD, p["fc"]["kernel"][:, :, None],
+                p["proj"]["kernel"][:, None, :], self.make_rng("sat"), omission.probe_tokens)
+            channels = sat_lib.select(scores_F, omission.keep_channels, omission.selection,
+                                      self.make_rng("sat"))
+        h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std, ("embed", "mlp"))(
+            x_BxLxD, out_index=channels))
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        return _dense(cfg, cfg.d_model, "proj", out_std, ("mlp", "embed"))(h_BxLxF)
+        return _dense(cfg, cfg.d_model, "proj", out_std, ("mlp", "embed"), in_features=cfg.ff)(
+            h_BxLxF, in_index=channels)
 
 
 class Block(nn.Module):
@@ -168,21 +205,24 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array,
-                 sparse_attention: Any = None) -> tuple[jax.Array, None]:
+    def __call__(self, x_BxLxD: jax.Array, sparse_attention: Any = None,
+                 omission: Any = None) -> tuple[jax.Array, None]:
         x_BxLxD = _residual(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln1")(x_BxLxD),
-                                                             sparse_attention)
-        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln2")(x_BxLxD))
+                                                             sparse_attention, omission)
+        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln2")(x_BxLxD),
+                                                      omission)
         return _residual(x_BxLxD), None
 
 
 def stacked_blocks(cfg: ModelConfig, length: int, name: str = "blocks") -> nn.Module:
     """``length`` decoder blocks under one ``nn.scan`` (params and masks stacked on axis 0)."""
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-    # in_axes=broadcast: every layer gets the same sparse_attention switch (or None).
+    # in_axes=broadcast: every layer gets the same sparse_attention switch and SAT omission
+    # spec (or None); the "sat" rng is split so each layer draws its own units.
     scanned = nn.scan(block, variable_axes={"params": 0, "masks": 0},
-                      split_rngs={"params": True}, length=length, in_axes=nn.broadcast,
+                      split_rngs={"params": True, "sat": True}, length=length,
+                      in_axes=nn.broadcast,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, name=name)
 
@@ -229,8 +269,16 @@ class GPT(nn.Module):
             logits_BxLxV = jnp.where(real_V, logits_BxLxV, -1e9)
         return logits_BxLxV
 
-    def __call__(self, tokens_BxL: jax.Array, sparse_attention: Any = None) -> jax.Array:
-        """Logits ``[B, L, V]``; ``sparse_attention``: an ``attention.Switch`` (MST's hybrid
-        attention, traced on/off flag) or None for dense causal attention."""
-        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), sparse_attention)
+    def __call__(self, tokens_BxL: jax.Array, sparse_attention: Any = None,
+                 omission: Any = None) -> jax.Array:
+        """Logits ``[B, L, V]``.
+
+        Args:
+          tokens_BxL: input tokens.
+          sparse_attention: an ``attention.Switch`` (MST's hybrid attention, traced on/off
+            flag) or None for dense causal attention.
+          omission: a ``sat.Omission`` (SAT: heads and MLP channels computed per layer; needs
+            a ``"sat"`` rng) or None for all of them.
+        """
+        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), sparse_attention, omission)
         return self.head(x_BxLxD)

@@ -112,15 +112,22 @@ def cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax
 
 
 def forward(params: PyTree, masks: PyTree | None, tokens_BxL: jax.Array,
-            model: nn.Module, sparse_attention: Any = None) -> jax.Array:
+            model: nn.Module, sparse_attention: Any = None, omission: Any = None,
+            rng: jax.Array | None = None) -> jax.Array:
     """Logits of the plain (unpipelined) model; ``masks=None`` applies it dense.
 
-    ``sparse_attention``: an ``attention.Switch`` (MST's hybrid attention) or None (dense).
+    Args:
+      sparse_attention: an ``attention.Switch`` (MST's hybrid attention) or None (dense).
+      omission: a ``sat.Omission`` (SAT's per-step neuron omission) or None (all units).
+      rng: the key SAT's selection draws from (required with ``omission``).
     """
     variables = {"params": params} if masks is None else {"params": params, "masks": masks}
-    if sparse_attention is None:
-        return model.apply(variables, tokens_BxL)
-    return model.apply(variables, tokens_BxL, sparse_attention=sparse_attention)
+    kwargs = {}
+    if sparse_attention is not None:
+        kwargs["sparse_attention"] = sparse_attention
+    if omission is not None:
+        kwargs.update(omission=omission, rngs={"sat": rng})
+    return model.apply(variables, tokens_BxL, **kwargs)
 
 
 _PLAIN_FORWARD = forward
@@ -133,7 +140,7 @@ def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: Any,
-                    forward: Forward = forward, attention: Any = None
+                    forward: Forward = forward, attention: Any = None, sat: Any = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns ``train_step(state, batch) -> (state, metrics)``, pure and jittable.
 
@@ -144,20 +151,38 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
     ``attention``: an ``attention.HybridAttention`` (``attention.from_config``) or None. With
     it, the model runs the sparse pattern on the steps of its window (a traced flag, so one
     compiled step serves both) and the metrics gain ``sparse_attention`` (1.0 when on).
+
+    ``sat``: a ``sat.SAT`` plan (``sat.from_config``) or None. With it, every layer omits
+    heads and MLP channels at the rate of the step's stair: one ``lax.switch`` branch per
+    distinct rate (static shapes each), so the ladder never recompiles; the metrics gain
+    ``omission_rate``.
     """
-    if attention is not None and forward is not _PLAIN_FORWARD:
-        raise ValueError("Hybrid sparse attention (attention.sparse_start/sparse_end) runs on "
-                         "the unpipelined model only; set --config.mesh.stage=1 or "
-                         "--config.attention.sparse_end=0.")
+    if (attention is not None or sat is not None) and forward is not _PLAIN_FORWARD:
+        raise ValueError("Hybrid sparse attention (attention.sparse_start/sparse_end) and SAT "
+                         "(sat.omission_rate) run on the unpipelined model only; set "
+                         "--config.mesh.stage=1, or turn them off.")
+    if sat is not None and method.needs_dense_grads:
+        raise ValueError("SAT (sat.omission_rate > 0) omits neurons from the gradient, which "
+                         "dense-gradient growth (RigL, MST) needs whole; use "
+                         "sparsity.method=dense/static/gmp/set with SAT.")
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def bound(switch):
-        return forward if switch is None else functools.partial(forward,
-                                                                 sparse_attention=switch)
+    def bound(switch, omission=None, rng=None):
+        kwargs = {} if switch is None else {"sparse_attention": switch}
+        if omission is not None:
+            kwargs.update(omission=omission, rng=rng)
+        return functools.partial(forward, **kwargs) if kwargs else forward
 
-    def masked_grads(params, masks, batch, switch=None):
-        loss, grads = grad_fn(params, masks, batch, model, bound(switch))
+    def masked_grads(params, masks, batch, switch=None, omission=None, rng=None):
+        loss, grads = grad_fn(params, masks, batch, model, bound(switch, omission, rng))
         return loss, grads, grads
+
+    def omitting_grads(branch, rng):
+        # One branch per distinct omission rate: each has its own static shapes.
+        def branch_fn(i):
+            return lambda p, m, b, sw: masked_grads(p, m, b, sw, sat.omission(i), rng)
+        return lambda *ops: jax.lax.switch(branch, [branch_fn(i) for i in range(len(sat.rates))],
+                                           *ops)
 
     def dense_grads(params, masks, batch, switch=None):
         # Differentiate the dense product of the already-masked weights (no masks collection,
@@ -171,7 +196,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         rng, update_rng = jax.random.split(rng)
         dense_step = method.needs_dense_grads & method.is_update_step(state.step)
         switch = None if attention is None else attention.switch(state.step)
-        if method.needs_dense_grads:
+        kept = {}
+        if sat is not None:
+            branch = sat.branch(state.step)
+            heads, channels = zip(*(sat.kept_fractions(i) for i in range(len(sat.rates))))
+            kept = {"kept_heads": jnp.asarray(heads, jnp.float32)[branch],
+                    "kept_channels": jnp.asarray(channels, jnp.float32)[branch]}
+            loss, grads, score_grads = omitting_grads(branch, jax.random.fold_in(update_rng, 1))(
+                state.params, state.masks, batch, switch)
+        elif method.needs_dense_grads:
             loss, grads, score_grads = jax.lax.cond(
                 dense_step, dense_grads, masked_grads, state.params, state.masks, batch, switch)
         else:
@@ -185,7 +218,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         step_flops = flops_lib.step_flops(
             model.cfg, state.masks, batch_size, seq_len, dense_weight_grad=dense_step,
             attention_pairs=None if attention is None else attention.pairs_at(state.step,
-                                                                              seq_len))
+                                                                              seq_len),
+            **kept)
         new = state.replace(step=state.step + 1, params=params, masks=masks,
                             opt_state=opt_state, rng=jax.random.key_data(rng),
                             flops=state.flops + step_flops["sparse"])
@@ -198,6 +232,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
                    "density": flops_lib.density(state.masks)}
         if switch is not None:
             metrics["sparse_attention"] = switch.on.astype(jnp.float32)
+        if sat is not None:
+            metrics["omission_rate"] = sat.rate(state.step)
         return new, metrics
 
     return train_step

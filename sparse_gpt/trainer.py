@@ -22,6 +22,7 @@ from sparse_gpt import attention as attention_lib
 from sparse_gpt import checkpoint as ckpt_lib
 from sparse_gpt import data as data_lib
 from sparse_gpt import pipeline, sampling, sharding
+from sparse_gpt import sat as sat_lib
 from sparse_gpt import train_lib
 from sparse_gpt.metrics import MetricsWriter
 
@@ -83,7 +84,8 @@ def make_steps(config: ml_collections.ConfigDict, model, tx, method,
                             compiler_options=compiler_options)
     init = jit(init_fn, out_shardings=state_sh)
     train = jit(train_lib.make_train_step(model, tx, method, forward,
-                                          attention=attention_lib.from_config(config)),
+                                          attention=attention_lib.from_config(config),
+                                          sat=sat_lib.from_config(config)),
                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                 donate_argnums=0)
     evaluate_ = jit(train_lib.make_eval_step(model, forward), in_shardings=(state_sh, batch_sh),
@@ -185,8 +187,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                         "flops": float(state.flops),
                         "dense_flops_per_step": float(metrics["dense_flops"]),
                         "density": float(metrics["density"])}
-                if "sparse_attention" in metrics:  # MST's hybrid attention window
-                    last["sparse_attention"] = float(metrics["sparse_attention"])
+                for key in ("sparse_attention", "omission_rate"):  # MST window, SAT rate
+                    if key in metrics:
+                        last[key] = float(metrics[key])
                 tick, tick_step = now, done
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{last['loss']:.3f}",
