@@ -214,6 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         writer.close()
     if stop_after is None or int(state.step) >= t.num_steps:
         _write_sample(config, workdir, model, state, data.tokenizer)
+    if val is None and int(state.step) >= t.num_steps:  # a finished run, reopened
+        val = evaluate(eval_step, state, val_batches, data.bytes_per_token)
     last["val"] = val
     last["state"] = state
     return last
