@@ -178,6 +178,49 @@ def per_row(count, rows: int) -> jax.Array:
     return jnp.repeat(c, rows // c.shape[0])
 
 
+# ----------------------------------------------------------------------------- fused kernels
+
+def split_fused(tree: Tree, parts: Mapping[str, int]) -> Tree:
+    """Views each fused leaf ``[..., K, P * N]`` as ``P`` stacked matrices ``[..., P, K, N]``.
+
+    A fused kernel holds ``P`` matrices side by side in its output columns (the attention's
+    ``qkv`` kernel is q, k and v). Stacked leading axes are separate selection rows for
+    every function here, so on this view each part keeps its own counts, as separate
+    layers would. Leaves not in ``parts`` (and ``None``) pass through; :func:`join_fused`
+    is the inverse.
+
+    Args:
+      tree: params, masks, scores or gradients (nested dicts).
+      parts: path -> number of column parts ``P`` (must divide the output axis).
+
+    Returns:
+      The tree with the fused leaves reshaped.
+    """
+    if not parts or tree is None:
+        return tree
+
+    def one(x, p):
+        *lead, k, n = x.shape
+        return jnp.moveaxis(x.reshape(*lead, k, p, n // p), -2, -3)
+
+    flat = masks_lib.flatten(tree)
+    return masks_lib.replace(tree, {q: one(flat[q], p) for q, p in parts.items() if q in flat})
+
+
+def join_fused(tree: Tree, parts: Mapping[str, int]) -> Tree:
+    """Inverse of :func:`split_fused`: ``[..., P, K, N]`` back to ``[..., K, P * N]``."""
+    if not parts or tree is None:
+        return tree
+
+    def one(x):
+        x = jnp.moveaxis(x, -3, -2)
+        *lead, k, p, n = x.shape
+        return x.reshape(*lead, k, p * n)
+
+    flat = masks_lib.flatten(tree)
+    return masks_lib.replace(tree, {q: one(flat[q]) for q in parts if q in flat})
+
+
 # ----------------------------------------------------------------------------- prune
 
 def prune_to_count(masks: Tree, scores: Tree, keep, structure: Structure = UNSTRUCTURED) -> Tree:

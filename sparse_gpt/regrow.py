@@ -3,9 +3,10 @@
 ``masks' = regrow(masks, scores, n)`` turns on exactly ``n`` dead units per selection row (a
 matrix, an output block column, or an N:M group; fewer only if fewer are dead), chosen by
 the best score among dead units with ties going to the lower flat index; live units stay
-live. Regrown weights start at zero: callers zero them with
-:func:`zero_entries` (a weight that was dropped and regrown in the same update must not keep
-its old value) and reset their optimizer moments with :func:`reset_moments`.
+live. Regrown weights start at zero: callers zero the units of :func:`grown` (dead before the
+update, live after) with :func:`zero_entries` and reset the moments of :func:`changed` with
+:func:`reset_moments`. A unit dropped and regrown by the same update is in neither, so it
+keeps its value and moments, as in RigL's reference code and jaxpruner.
 """
 
 from __future__ import annotations

@@ -229,6 +229,36 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
     assert not bool(jnp.any(new_p["blocks"]["attn"]["out"]["kernel"][favourite]))
 
 
+def test_rigl_keeps_q_k_v_counts_of_the_fused_qkv_kernel():
+    # The dense gradient of q and k is ~0 at init (uniform attention): pooled in one count,
+    # growth would move q's and k's dropped weights into v.
+    m = methods.build(_config(method="rigl", density=0.25, drop_fraction=0.5,
+                              drop_fraction_schedule="constant", sparse_layers="attn/qkv"))
+    p = _params()
+    masks = jax.jit(m.init_masks)(p, M.dense_masks(p), jax.random.key(0))
+    p = M.apply_masks(p, masks)
+    live = np.asarray(masks["blocks"]["attn"]["qkv"]["kernel"])     # [N, D, 3D]
+    w = np.abs(np.asarray(p["blocks"]["attn"]["qkv"]["kernel"]))
+    v_live = live & (np.arange(3 * D) >= 2 * D)
+    # v's weakest live half is what the drop removes; the largest gradients sit there, so
+    # those units come straight back and must be unchanged (RigL's reference keeps them).
+    weak = np.stack([v_live[i] & (w[i] <= np.sort(w[i][v_live[i]])[
+        int(np.round(0.5 * v_live[i].sum())) - 1]) for i in range(N)])
+    grads = jax.tree.map(jnp.ones_like, p)
+    grads["blocks"]["attn"]["qkv"]["kernel"] = jnp.asarray(np.where(
+        weak, 1e3, np.where(np.arange(3 * D) >= 2 * D, 1e2, 1e-4)), jnp.float32)
+    opt = optax.adam(1e-3).init(p)
+    new_p, new_masks, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
+    new = np.asarray(new_masks["blocks"]["attn"]["qkv"]["kernel"])
+    thirds = lambda x: x.reshape(N, D, 3, D).sum(axis=(1, 3))  # noqa: E731
+    np.testing.assert_array_equal(thirds(new), thirds(live))         # per part, per layer
+    assert (new & ~live)[..., :2 * D].any()                          # q and k did evolve
+    np.testing.assert_array_equal(new[..., 2 * D:], live[..., 2 * D:])
+    w_old, w_new = (np.asarray(t["blocks"]["attn"]["qkv"]["kernel"]) for t in (p, new_p))
+    np.testing.assert_array_equal(w_new[weak], w_old[weak])
+    assert not np.any(w_new[new & ~live])                           # grown at zero
+
+
 def test_gmp_follows_the_cubic_schedule():
     m = methods.build(_config(method="gmp", density=0.2, update_start=0, update_end=20,
                               update_every=5, prune_scope="layer"))

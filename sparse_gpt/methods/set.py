@@ -4,6 +4,12 @@ The dynamic-sparse-training template: every update drops a (cosine-decayed) frac
 matrix's live weights by a drop score and regrows the same number by a grow score. RigL
 (rigl.py) changes only :meth:`SET.grow_scores`; later methods (MST's mixed growing, a
 shrinking or growing density) override :meth:`grow_scores` or :meth:`target_counts`.
+
+Counts are per matrix, and the attention's fused ``qkv`` kernel is three matrices: its q, k
+and v column thirds are updated as separate layers (``FUSED_KERNELS``). Pooled, they would
+compete for one count, and RigL's gradient growth would move weights from q and k to v
+(at init attention is uniform, and on the tiny preset ``|dL/dW_q|``, ``|dL/dW_k|`` are
+~300x smaller than ``|dL/dW_v|``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from sparse_gpt import regrow as regrow_lib
 from sparse_gpt import schedules
 from sparse_gpt.methods.base import SparsityMethod
 
+# Kernels holding several matrices side by side in their output columns, as (sparse_layers
+# pattern, parts): model.py splits qkv's [D, 3D] columns as [3, heads, head_dim].
+FUSED_KERNELS = (("attn/qkv", 3),)
+
 
 @dataclasses.dataclass(frozen=True)
 class SET(SparsityMethod):
@@ -26,9 +36,11 @@ class SET(SparsityMethod):
     Per update and per matrix: ``live`` units, ``n_drop = round(f(step) * live)`` with
     ``f`` the drop fraction (cosine-decayed from ``drop_fraction`` to 0 at ``update_end``,
     or constant), keep the ``live - n_drop`` best by :meth:`drop_scores`, then grow
-    dead units by :meth:`grow_scores` until every selection row is back at its target
-    (units just dropped may come back, at zero). For unstructured and per-matrix blocks the
-    row is the matrix, so ``n_drop`` units are regrown. With ``structure=nm`` (or
+    dead units by :meth:`grow_scores` until every selection row is back at its target.
+    Units just dropped may come back; they are then unchanged (value and optimizer moments
+    kept), as in RigL's reference code and jaxpruner: only units dead before the update
+    start at zero. For unstructured and per-matrix blocks the row is the matrix (q, k and v
+    each for the fused qkv kernel), so ``n_drop`` units are regrown. With ``structure=nm`` (or
     column-balanced blocks) the drop is per matrix over weights (blocks) and growth refills
     each group (output block column), so the pattern and the count are both kept.
     """
@@ -64,7 +76,32 @@ class SET(SparsityMethod):
         del step
         return live
 
+    def fused_parts(self, masks) -> dict[str, int]:
+        """path -> parts of the sparse leaves that are fused kernels (``FUSED_KERNELS``).
+
+        A leaf is split only where every part can carry the structure (a block never
+        straddles two parts); otherwise it stays one matrix.
+        """
+        flat = masks_lib.flatten(masks)
+        out = {}
+        for path in self.sparse_paths(masks):
+            for pattern, parts in FUSED_KERNELS:
+                n = flat[path].shape[-1]
+                bn = self.settings.structure.block[1] if (
+                    self.settings.structure.kind == "block") else 1
+                if masks_lib.path_matches(path, pattern) and n % (parts * bn) == 0:
+                    out[path] = parts
+        return out
+
     def update_topology(self, step, params, masks, grads, opt_state, rng):
+        # Fused kernels are evolved as their separate matrices (see split_fused).
+        parts = self.fused_parts(masks)
+        new = self.evolve(step, *(prune_lib.split_fused(t, parts)
+                                  for t in (params, masks, grads)), rng)
+        return self.commit(params, masks, prune_lib.join_fused(new, parts), opt_state)
+
+    def evolve(self, step, params, masks, grads, rng):
+        """The new mask tree of an update (drop, then grow); commit happens in the caller."""
         structure = self.settings.structure
         sub = self.sparse_masks(masks)
         # Drop per matrix under the relaxed structure (N:M -> weights, column-balanced ->
@@ -80,6 +117,5 @@ class SET(SparsityMethod):
         after = prune_lib.live_counts(masks_lib.subtree(dropped, sub), structure)
         grow = {p: jnp.maximum(self.target_counts(step, before[p]) - after[p], 0)
                 for p in before}
-        new = regrow_lib.regrow(dropped, self.grow_scores(params, grads, sub, rng), grow,
-                                structure)
-        return self.commit(params, masks, new, opt_state)
+        return regrow_lib.regrow(dropped, self.grow_scores(params, grads, sub, rng), grow,
+                                 structure)
