@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
         mst_final_density=0.25,  # density restoration ends at (below `density`: no restoration)
         mst_random_grow_fraction=0.25,  # share of grown weights picked at random (rest: |grad|)
         mst_restore_power=1.0,   # restoration density curve exponent (1: linear)
+        # method=static: after this many steps the masks are lifted to all ones and training
+        # continues dense (sparse-to-dense; the model leaves the block-sparse kernel). -1: off.
+        # The family sparse_gpt/configs/sparse_pretrain.py sets it from a fraction.
+        dense_finetune_start=-1,
     ))
 
     # Hybrid sparse attention (sparse_gpt/attention.py, MST): the pattern replaces dense

@@ -248,6 +248,17 @@ def nnz(mask: jax.Array) -> jax.Array:
     return jnp.sum(mask, axis=(-2, -1), dtype=jnp.int32)
 
 
+def all_live(masks: Tree) -> jax.Array:
+    """Whether every mask leaf is all True: a bool scalar (traced under ``jit``).
+
+    All-live masks describe the dense model, which then runs without its masks (see
+    ``train_lib.dense_when_all_live``): a block-sparse kernel's block budget holds only the
+    sparse density.
+    """
+    leaves = [jnp.all(m) for m in flatten(masks).values()]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), jnp.bool_)
+
+
 def n_keep(density, units: int):
     """Units a matrix of ``units`` keeps at ``density``: round-half-even, clipped to [1, units].
 

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_gpt import masks as masks_lib
+
 SAMPLE_TASK = os.path.join(os.path.dirname(__file__), "tasks", "sample_mc.jsonl")
 _HOW = ('A task file needs one {"context": str, "choices": [str, ...], "label": int} object '
         "per line.")
@@ -150,6 +152,8 @@ def score(model: nn.Module, params: Any, masks: Any, sequences: Sequence[tuple[l
       float64[len(sequences)] log-likelihoods, in the input order.
     """
     max_len = model.cfg.max_len
+    if masks is not None and bool(masks_lib.all_live(masks)):
+        masks = None   # the dense model (a block-sparse kernel's budget is the sparse one)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     out = np.zeros(len(sequences), np.float64)
     for start in range(0, len(order), batch_size):

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_gpt import masks as masks_lib
+
 
 @partial(jax.jit, static_argnames=("model", "num_tokens", "top_k", "vocab_size"))
 def _generate(model: nn.Module, params: Any, masks: Any, buffer_L: jax.Array,
@@ -22,7 +24,8 @@ def _generate(model: nn.Module, params: Any, masks: Any, buffer_L: jax.Array,
     def body(i, carry):
         buf_L, rng = carry
         pos = prompt_len + i - 1          # logits at pos predict token pos + 1
-        logits_V = model.apply({"params": params, "masks": masks}, buf_L[None])[0, pos]
+        variables = {"params": params} if masks is None else {"params": params, "masks": masks}
+        logits_V = model.apply(variables, buf_L[None])[0, pos]
         # Rows past the tokenizer's vocabulary are padding of the embedding table.
         logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < vocab_size, logits_V, -jnp.inf)
         rng, key = jax.random.split(rng)
@@ -64,6 +67,8 @@ def generate(model: nn.Module, params: Any, masks: Any, prompt: list[int], num_t
     if len(prompt) + num_tokens > max_len:
         raise ValueError(f"Prompt ({len(prompt)} tokens) + {num_tokens} new tokens exceed the "
                          f"model context of {max_len}; shorten the prompt or ask for fewer.")
+    if masks is not None and bool(masks_lib.all_live(masks)):
+        masks = None   # the dense model (a block-sparse kernel's budget is the sparse one)
     buffer_L = jnp.zeros((max_len,), jnp.int32).at[:len(prompt)].set(jnp.asarray(prompt))
     out_L = _generate(model, params, masks, buffer_L, jnp.int32(len(prompt)), num_tokens,
                       jnp.float32(temperature), top_k, vocab_size or model.cfg.vocab_size,

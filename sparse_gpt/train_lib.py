@@ -30,6 +30,7 @@ import ml_collections
 import optax
 
 from sparse_gpt import flops as flops_lib
+from sparse_gpt import masks as masks_lib
 from sparse_gpt import model as model_lib
 
 PyTree = Any
@@ -131,6 +132,23 @@ def forward(params: PyTree, masks: PyTree | None, tokens_BxL: jax.Array,
 
 
 _PLAIN_FORWARD = forward
+
+
+def dense_when_all_live(forward: Forward) -> Forward:
+    """``forward`` that applies the model without masks (dense) when every mask is all live.
+
+    A block-sparse model's kernel budget holds only its sparse density, so once the masks are
+    lifted to all ones (static's dense phase, ``sparsity.dense_finetune_start``) the product
+    must leave the kernel. One ``lax.cond`` on the traced masks picks the path per call: the
+    phase change never recompiles, and train and eval steps (which see only the masks) agree.
+    """
+    def phased(params, masks, tokens_BxL, model, **kwargs):
+        if masks is None:
+            return forward(params, None, tokens_BxL, model, **kwargs)
+        return jax.lax.cond(masks_lib.all_live(masks),
+                            lambda: forward(params, None, tokens_BxL, model, **kwargs),
+                            lambda: forward(params, masks, tokens_BxL, model, **kwargs))
+    return phased
 
 
 def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module,

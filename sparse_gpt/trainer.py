@@ -62,7 +62,8 @@ def make_steps(config: ml_collections.ConfigDict, model, tx, method,
     """Builds init, train and eval steps for ``config.mesh`` (or ``mesh``).
 
     Shardings come from the model's logical axis names and ``config.mesh.rules``; with more
-    than one pipeline stage the model runs through ``pipeline.make_forward``.
+    than one pipeline stage the model runs through ``pipeline.make_forward``; a block-sparse
+    model with a dense phase through ``train_lib.dense_when_all_live``.
     ``compiler_options`` go to XLA for every step (tests use
     ``{"xla_backend_optimization_level": 0}``: 3x faster compiles of slower code).
     """
@@ -73,6 +74,8 @@ def make_steps(config: ml_collections.ConfigDict, model, tx, method,
         pcfg = pipeline.PipelineConfig.from_config(config.mesh, mesh.shape["stage"])
         pcfg.validate(config.model.n_layers, config.train.batch_size)
         forward = pipeline.make_forward(mesh, pcfg)
+    if model.cfg.matmul == "block_sparse" and method.settings.dense_finetune_start >= 1:
+        forward = train_lib.dense_when_all_live(forward)  # the dense phase leaves the kernel
 
     def init_fn(rng):
         return train_lib.init_state(config, model, tx, method, rng)

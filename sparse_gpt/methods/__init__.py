@@ -2,7 +2,8 @@
 
 =======  ==========================================================================
 dense    every weight live (the baseline)
-static   fixed random (or magnitude) topology at init, uniform / ERK / explicit densities
+static   fixed random (or magnitude) topology at init, uniform / ERK / explicit densities;
+         optionally dense after ``dense_finetune_start`` steps (masks lifted to all ones)
 gmp      gradual magnitude pruning, dense -> sparse on Zhu & Gupta's cubic schedule
 set      SET: magnitude drop, random regrowth, cosine-decayed drop fraction
 rigl     RigL: magnitude drop, regrowth by dense-gradient magnitude
@@ -43,7 +44,9 @@ def parse_settings(config) -> Settings:
     Raises:
       ValueError: unknown method / distribution / structure / scope / schedule, a density
         outside (0, 1], a block size not dividing a sparse kernel's dims, N:M with N > M or
-        M not dividing K, or an inconsistent combination; the message says how to fix it.
+        M not dividing K, a dense phase (``dense_finetune_start``) outside the run or with a
+        method other than static, or an inconsistent combination; the message says how to
+        fix it.
     """
     sp = config.sparsity
     method = _choice("method", sp.method, METHODS)
@@ -73,6 +76,7 @@ def parse_settings(config) -> Settings:
         prune_scope=_choice("prune_scope", sp.prune_scope, ("layer", "global")),
         gmp_power=float(sp.gmp_power),
         grow_init=_choice("grow_init", sp.grow_init, ("zeros",)),
+        dense_finetune_start=int(sp.get("dense_finetune_start", -1)),
         **_mst_settings(sp, update_end))
     _check_combination(settings, config)
     return settings
@@ -114,8 +118,38 @@ def _check_mst(s: Settings) -> None:
         raise ValueError(f"mst_restore_power={s.mst_restore_power} must be > 0 (1: linear).")
 
 
+def _check_dense_finetune(s: Settings, config) -> None:
+    """``dense_finetune_start``: -1 (off) or the sparse steps before the dense phase."""
+    start, num_steps = s.dense_finetune_start, int(config.train.num_steps)
+    if start == -1:
+        return
+    if s.method != "static":
+        raise ValueError(
+            f"sparsity.dense_finetune_start={start} lifts a fixed topology to dense, so it needs "
+            f"--config.sparsity.method=static (got {s.method!r}); or set "
+            "--config.sparsity.dense_finetune_start=-1.")
+    if not 1 <= start < num_steps:
+        raise ValueError(
+            f"sparsity.dense_finetune_start={start} must be -1 (no dense phase) or a step in "
+            f"[1, train.num_steps - 1] = [1, {num_steps - 1}]: the number of sparse steps "
+            "before the masks are lifted and training continues dense; e.g. "
+            f"--config.sparsity.dense_finetune_start={max(1, int(0.9 * num_steps))} for a "
+            "dense last 10%.")
+    if config.model.get("matmul", "masked") == "block_sparse":
+        from sparse_gpt import attention  # attention imports the kernels package
+        sat = config.get("sat")
+        if attention.from_config(config) is not None or (sat is not None
+                                                         and float(sat.omission_rate) > 0):
+            raise ValueError(
+                "A dense phase (sparsity.dense_finetune_start) with model.matmul=block_sparse "
+                "switches the model between kernel and dense paths, which hybrid sparse "
+                "attention and SAT do not support; set --config.attention.sparse_end=0 and "
+                "--config.sat.omission_rate=0, or --config.model.matmul=masked.")
+
+
 def _check_combination(s: Settings, config) -> None:
     """Cross-field checks; each message names the conflicting keys and a fix."""
+    _check_dense_finetune(s, config)
     if s.method == "dense":
         if s.density != 1.0:
             raise ValueError(f"method=dense trains every weight, so density={s.density} would "
@@ -166,7 +200,9 @@ def max_layer_density(config) -> float:
     1.0 for dense, gmp and mst (they start dense); otherwise the largest per-layer density of
     the configured distribution, after rounding to whole units (weights or blocks) per matrix.
     ERK gives small layers more than ``density``, so a block budget sized by ``density``
-    alone would be too small.
+    alone would be too small. Static's dense phase (``dense_finetune_start``) lifts the masks
+    to 1.0 but does not count here: all-live masks run without the kernel
+    (``train_lib.dense_when_all_live``).
     """
     s = parse_settings(config)
     if s.method in ("dense", "gmp", "mst"):

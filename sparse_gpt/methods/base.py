@@ -55,6 +55,9 @@ class Settings:
     mst_final_density: float = 0.25
     mst_random_grow_fraction: float = 0.25
     mst_restore_power: float = 1.0
+    # static only (methods/static.py): after this many steps the masks are lifted to all
+    # ones and training continues dense (-1: never).
+    dense_finetune_start: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
