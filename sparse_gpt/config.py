@@ -6,7 +6,8 @@ Run a preset with::
     python train.py --config sparse_gpt/config.py:gpt2-small --config.train.batch_size=64
 
 Any field can be overridden with ``--config.SECTION.KEY=VALUE``; overriding a key that does
-not exist is an error (the config is locked).
+not exist is an error (the config is locked). Config families built on these presets live in
+``sparse_gpt/configs/`` (e.g. ``sparse_pretrain.py:gpt2-small,87.5``, the SambaNova recipe).
 
 Dimension letters used in array names across the code base (``x_BxLxD``):
 

@@ -4,10 +4,13 @@ from sparse_gpt import cli
 from sparse_gpt import config as config_lib
 
 
-def small_config(corpus, **overrides):
-    """A 2-layer byte model on the `corpus` fixture's slice; ``overrides`` win."""
+def small_config(corpus, base=None, **overrides):
+    """A 2-layer byte model on the `corpus` fixture's slice; ``overrides`` win.
+
+    ``base``: the config to shrink (default: the ``tiny`` preset), e.g. a config family's.
+    """
     path, data_dir = corpus
-    c = config_lib.get_config("tiny")
+    c = config_lib.get_config("tiny") if base is None else base
     for key, value in dict({"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2,
                             "model.max_len": 32, "data.seq_len": 32, "data.path": path,
                             "data.data_dir": data_dir, "train.batch_size": 4,
