@@ -32,7 +32,7 @@ class Static(SparsityMethod):
     weights start at zero with fresh optimizer moments, as regrown weights do. The lift is
     part of the state (the masks), so a run resumed from a checkpoint past ``S`` stays dense;
     a state at or past ``S`` whose masks are still sparse (a run resumed with a new ``S``) is
-    lifted at its first step.
+    lifted by the update of its first step.
     """
 
     def init_masks(self, params, masks, rng):
@@ -56,6 +56,7 @@ class Static(SparsityMethod):
             return params, masks, opt_state   # a fixed topology: nothing to do, no cond
         # At or past the boundary with sparse masks (also after a resume with a new start).
         lift = (jnp.asarray(step) >= start - 1) & ~masks_lib.all_live(masks)
+
         def do(ops):
             p, m, o = ops
             return self.update_topology(step, p, m, None, o, None)
