@@ -1,8 +1,13 @@
-"""Trains a (sparse) GPT. With no arguments: the `tiny` preset on the bundled corpus, on CPU.
+"""Trains a (sparse) GPT. With no arguments: a small sparse GPT on the bundled corpus, on CPU.
 
-    python train.py                                   # tiny preset -> runs/tiny-dense
+    python train.py        # sparse_pretrain.py:tiny,75 -> runs/sparse_pretrain-tiny-75-static
+    python train.py --config sparse_gpt/config.py:tiny              # the dense tiny preset
     python train.py --config sparse_gpt/config.py:gpt2-small --workdir runs/small
-    python train.py --config.sparsity.method=rigl --config.sparsity.density=0.25
+    python train.py --config sparse_gpt/config.py:tiny --config.sparsity.method=rigl \
+        --config.sparsity.density=0.25
+
+The default is the SambaNova recipe (sparse_gpt/configs/sparse_pretrain.py) at the `tiny`
+shape: static 75% block-sparse attention and MLP projections through the block-sparse kernels.
 
 Re-running the same command resumes from the newest checkpoint in --workdir.
 
@@ -21,11 +26,15 @@ jax.distributed on every process; the default is a single process.
 import os
 import sys
 
+DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparse_gpt", "configs",
+                       "sparse_pretrain.py") + ":tiny,75"
+
 
 def main(argv):
     from sparse_gpt import cli
     try:
-        config, args = cli.parse_args(argv, description=__doc__.splitlines()[0])
+        config, args = cli.parse_args(argv, description=__doc__.splitlines()[0],
+                                      default_config=DEFAULT)
     except ValueError as e:  # bad preset, path or override: one clear line, no traceback
         sys.exit(f"error: {e}")
     import jax

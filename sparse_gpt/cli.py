@@ -77,11 +77,15 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         node[leaf] = _parse_value(key, text, node[leaf])
 
 
-def parse_args(argv: Sequence[str], description: str = "") -> tuple[ml_collections.ConfigDict,
-                                                                   argparse.Namespace]:
-    """Parses ``argv`` (without the program name) into (config, other args)."""
+def parse_args(argv: Sequence[str], description: str = "", default_config: str | None = None
+               ) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+    """Parses ``argv`` (without the program name) into (config, other args).
+
+    ``default_config``: the ``PATH[:PRESET]`` used without ``--config`` (default: the
+    ``tiny`` preset of sparse_gpt/config.py).
+    """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=f"{DEFAULT_CONFIG}:tiny",
+    parser.add_argument("--config", default=default_config or f"{DEFAULT_CONFIG}:tiny",
                         help="config file and preset, PATH[:PRESET] (default: %(default)s)")
     parser.add_argument("--workdir", default=None, help="run folder (default: "
                         "runs/<preset>-<method>)")

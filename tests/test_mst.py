@@ -244,7 +244,8 @@ def test_train_py_run_density_goes_down_then_up(tmp_path):
              "sparsity.mst_ultra_end": 30, "sparsity.mst_final_density": 0.5,
              "attention.sparse_start": 10, "attention.sparse_end": 30,
              "attention.window": 16, "attention.stride": 32, "attention.block_size": 16}
-    cmd = [sys.executable, os.path.join(root, "train.py"), "--workdir", str(tmp_path / "run")]
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--workdir", str(tmp_path / "run"),
+           "--config", os.path.join(root, "sparse_gpt", "config.py") + ":tiny"]
     cmd += [f"--config.{k}={v}" for k, v in flags.items()]
     subprocess.run(cmd, check=True, cwd=root, capture_output=True)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
