@@ -26,7 +26,6 @@ whether a variant is worth putting in the model (it must be faster at every shap
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks._results import save_result  # noqa: E402
 from benchmarks.block_sparse_matmul import machine_description  # noqa: E402
 
 
@@ -132,14 +132,7 @@ def run(args) -> list[str]:
 def main(argv):
     args = parse(argv)
     text = "\n".join(run(args)) + "\n"
-    print(text)
-    if args.out != "-":
-        out = args.out or os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results",
-            f"mlp_fusion_{jax.default_backend()}_{datetime.date.today().isoformat()}.txt")
-        with open(out, "w") as f:
-            f.write(text)
-        print(f"wrote {out}")
+    save_result(text, args.out, f"mlp_fusion_{jax.default_backend()}", "txt")
 
 
 if __name__ == "__main__":

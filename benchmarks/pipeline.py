@@ -38,7 +38,6 @@ accelerators the ideal pipelined step is ``ref_mb / S`` and the bubble is idle t
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -55,6 +54,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from benchmarks._results import save_result  # noqa: E402
 from benchmarks.block_sparse_matmul import machine_description  # noqa: E402
 from sparse_gpt import model as model_lib  # noqa: E402
 from sparse_gpt import pipeline, sharding, train_lib  # noqa: E402
@@ -188,14 +188,7 @@ def main(argv):
     args = parse(argv)
     lines = run(args)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out != "-":
-        out = args.out or os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results",
-            f"pipeline_{jax.default_backend()}_{datetime.date.today().isoformat()}.txt")
-        with open(out, "w") as f:
-            f.write(text)
-        print(f"wrote {out}")
+    save_result(text, args.out, f"pipeline_{jax.default_backend()}", "txt")
 
 
 if __name__ == "__main__":

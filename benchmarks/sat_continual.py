@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks._results import save_result  # noqa: E402
 from sparse_gpt import cli, sat, train_lib, trainer  # noqa: E402
 
 
@@ -154,11 +155,7 @@ def write(args, base, rows, times, plans) -> None:
               ""] + [f"- rate {r:g}: {t * 1e3:.1f} ms/step ({times[0.0] / t:.2f}x dense)"
                      for r, t in sorted(times.items())]
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"sat_continual_{args.preset}_{datetime.date.today()}.md")
-    with open(out, "w") as f:
-        f.write(text)
+    save_result(text, args.out, f"sat_continual_{args.preset}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._results import save_result  # noqa: E402
 from sparse_gpt import cli, trainer  # noqa: E402
 
 
@@ -128,11 +129,7 @@ def write_table(rows: list[dict], args) -> None:
         lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {r['val_loss']:.4f} | {rel} | "
                      f"{r['flops']:.3e} | {frel} | {r['seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"sparsity_methods_{args.preset}_{datetime.date.today()}.md")
-    with open(out, "w") as f:
-        f.write(text)
+    save_result(text, args.out, f"sparsity_methods_{args.preset}")
 
 
 if __name__ == "__main__":
