@@ -123,12 +123,8 @@ def forward(params: PyTree, masks: PyTree | None, tokens_BxL: jax.Array,
       rng: the key SAT's selection draws from (required with ``omission``).
     """
     variables = {"params": params} if masks is None else {"params": params, "masks": masks}
-    kwargs = {}
-    if sparse_attention is not None:
-        kwargs["sparse_attention"] = sparse_attention
-    if omission is not None:
-        kwargs.update(omission=omission, rngs={"sat": rng})
-    return model.apply(variables, tokens_BxL, **kwargs)
+    return model.apply(variables, tokens_BxL, sparse_attention=sparse_attention,
+                       omission=omission, rngs=None if omission is None else {"sat": rng})
 
 
 _PLAIN_FORWARD = forward
@@ -195,13 +191,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         loss, grads = grad_fn(params, masks, batch, model, bound(switch, omission, rng))
         return loss, grads, grads
 
-    def omitting_grads(branch, rng):
-        # One branch per distinct omission rate: each has its own static shapes.
-        def branch_fn(i):
-            return lambda p, m, b, sw: masked_grads(p, m, b, sw, sat.omission(i), rng)
-        return lambda *ops: jax.lax.switch(branch, [branch_fn(i) for i in range(len(sat.rates))],
-                                           *ops)
-
     def dense_grads(params, masks, batch, switch=None):
         # Differentiate the dense product of the already-masked weights (no masks collection,
         # so no block-sparse path): the gradient of every entry, active or not, is what
@@ -220,8 +209,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
             heads, channels = zip(*(sat.kept_fractions(i) for i in range(len(sat.rates))))
             kept = {"kept_heads": jnp.asarray(heads, jnp.float32)[branch],
                     "kept_channels": jnp.asarray(channels, jnp.float32)[branch]}
-            loss, grads, score_grads = omitting_grads(branch, jax.random.fold_in(update_rng, 1))(
-                state.params, state.masks, batch, switch)
+            # One branch per distinct omission rate, each with its own static shapes.
+            sat_rng = jax.random.fold_in(update_rng, 1)
+            branches = [functools.partial(masked_grads, omission=sat.omission(i), rng=sat_rng)
+                        for i in range(len(sat.rates))]
+            loss, grads, score_grads = jax.lax.switch(branch, branches, state.params,
+                                                      state.masks, batch, switch)
         elif method.needs_dense_grads:
             loss, grads, score_grads = jax.lax.cond(
                 dense_step, dense_grads, masked_grads, state.params, state.masks, batch, switch)
