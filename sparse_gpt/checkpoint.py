@@ -55,7 +55,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Starts writing ``state`` at ``step`` (returns before the write ends if async)."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+            state=ocp.args.StandardSave(_state_dict(state)),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)))
 
@@ -86,8 +86,7 @@ class Checkpointer:
                 f"Checkpoint {where} is unreadable ({type(e).__name__}: {e}). Delete that step "
                 "folder to resume from an earlier one, or use a fresh --workdir.") from e
         _check_same_model(saved_meta, meta, where)
-        target = flax.serialization.to_state_dict(abstract_state)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(abstract_state))
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -96,7 +95,9 @@ class Checkpointer:
                 f"Checkpoint {where} is corrupt or incomplete ({type(e).__name__}: {e}). "
                 "Delete that step folder to resume from an earlier one, or use a fresh "
                 "--workdir.") from e
-        state = flax.serialization.from_state_dict(abstract_state, restored.state)
+        unset = {k: None for k, v in flax.serialization.to_state_dict(abstract_state).items()
+                 if v is None}
+        state = flax.serialization.from_state_dict(abstract_state, {**restored.state, **unset})
         return state, restored.data, step
 
     def wait(self) -> None:
@@ -105,6 +106,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _state_dict(state: Any) -> dict:
+    """The state as a dict without its unset (None) fields, so an optional field (e.g.
+    ``grow_grads``) changes nothing on disk for runs that do not use it."""
+    return {k: v for k, v in flax.serialization.to_state_dict(state).items() if v is not None}
 
 
 def _check_same_model(saved: dict, current: dict, where: str) -> None:

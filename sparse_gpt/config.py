@@ -125,6 +125,11 @@ def base_config() -> ml_collections.ConfigDict:
         prune_scope="layer",     # gmp only: layer (each matrix to its density) | global
         gmp_power=3.0,           # exponent of GMP's density schedule (3: Zhu & Gupta cubic)
         grow_init="zeros",       # value of regrown weights (only zeros is implemented)
+        grow_balance="matrix",   # set/rigl, unstructured: matrix (each matrix regrows what it
+                                 # dropped) | neuron (each hidden unit - attention head dim,
+                                 # MLP channel - regrows its own dropped inputs and outputs)
+        grow_grad_steps=1,       # rigl/mst: growth scores by |sum of the dense gradients|
+                                 # of this many steps ending at each update (1: its own)
         # method=mst (sparse_gpt/methods/mst.py): dense -> `density` (cubic warm-up over
         # [update_start, mst_warmup_end)), ultra-sparse evolution until mst_ultra_end, then
         # restoration to mst_final_density at update_end. -1: 1/4 and 3/4 of the update window.

@@ -221,6 +221,17 @@ def join_fused(tree: Tree, parts: Mapping[str, int]) -> Tree:
     return masks_lib.replace(tree, {q: one(flat[q]) for q in parts if q in flat})
 
 
+def swap_last_axes(tree: Tree, paths: Iterable[str]) -> Tree:
+    """Transposes the ``[..., K, N]`` leaves at ``paths`` to ``[..., N, K]`` (its own inverse).
+
+    Selection rows run over output columns (see :func:`to_rows`); on this view they run over
+    the input rows of those leaves instead.
+    """
+    flat = masks_lib.flatten(tree)
+    return masks_lib.replace(tree, {p: jnp.swapaxes(flat[p], -1, -2) for p in paths
+                                    if p in flat})
+
+
 # ----------------------------------------------------------------------------- prune
 
 def prune_to_count(masks: Tree, scores: Tree, keep, structure: Structure = UNSTRUCTURED) -> Tree:

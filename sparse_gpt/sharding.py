@@ -152,8 +152,9 @@ def state_shardings(init_fn: Callable, model: nn.Module, tx: optax.GradientTrans
                     mesh: Mesh, rules: Rules, seq_len: int, *args) -> PyTree:
     """Shardings of the ``TrainState`` that ``init_fn(rng, *args)`` returns.
 
-    Params follow their logical names; masks and optimizer moments copy the sharding of the
-    param at the same path; everything else (step, counters, rng) is replicated.
+    Params follow their logical names; masks, optimizer moments and summed growth gradients
+    copy the sharding of the param at the same path; everything else (step, counters, rng)
+    is replicated.
     """
     abstract = jax.eval_shape(init_fn, jax.random.key(0), *args)
     specs = logical_specs(model, seq_len)["params"]
@@ -167,7 +168,8 @@ def state_shardings(init_fn: Callable, model: nn.Module, tx: optax.GradientTrans
         transform_non_params=lambda leaf: replicated,
         is_leaf=lambda x: isinstance(x, (optax.MaskedNode, NamedSharding)))
     out = jax.tree.map(lambda _: replicated, abstract)
-    return out.replace(params=params, masks=masks, opt_state=opt_state)
+    return out.replace(params=params, masks=masks, opt_state=opt_state,
+                       grow_grads=_like_params(abstract.grow_grads, params))
 
 
 def _shape_name(a) -> str:

@@ -48,6 +48,9 @@ class TrainState:
     rng: jax.Array           # uint32[2] raw key data (checkpoint friendly)
     bad_step: jax.Array      # int32: first step whose loss/grad was not finite, -1 if none
     flops: jax.Array         # float32: cumulative training FLOPs counted from the masks
+    # float32 leaves on the mask paths: the dense gradients summed so far in the window
+    # before a RigL/MST update (sparsity.grow_grad_steps > 1); None otherwise.
+    grow_grads: PyTree = None
 
 
 def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -98,9 +101,13 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module,
     variables = model.init(init_rng, tokens)
     masks = method.init_masks(variables["params"], variables["masks"], mask_rng)
     params = apply_masks(variables["params"], masks)
+    grow_grads = None
+    if method.needs_dense_grads and method.settings.grow_grad_steps > 1:
+        grow_grads = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), masks)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
                       opt_state=tx.init(params), rng=jax.random.key_data(step_rng),
-                      bad_step=jnp.full((), -1, jnp.int32), flops=jnp.zeros((), jnp.float32))
+                      bad_step=jnp.full((), -1, jnp.int32), flops=jnp.zeros((), jnp.float32),
+                      grow_grads=grow_grads)
 
 
 def cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -159,8 +166,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
     """Returns ``train_step(state, batch) -> (state, metrics)``, pure and jittable.
 
     Methods that grow by dense gradient (``method.needs_dense_grads``) get the gradient with
-    respect to the effective (masked) weights on their update steps only; every other step
-    computes the ordinary masked gradient, so the dense backward is paid only when used.
+    respect to the effective (masked) weights on their update steps only (with
+    ``grow_grad_steps > 1``, on the steps of the window ending at each update, summed in
+    ``state.grow_grads``); every other step computes the ordinary masked gradient, so the
+    dense backward is paid only when used.
 
     ``attention``: an ``attention.HybridAttention`` (``attention.from_config``) or None. With
     it, the model runs the sparse pattern on the steps of its window (a traced flag, so one
@@ -201,7 +210,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.wrap_key_data(state.rng)
         rng, update_rng = jax.random.split(rng)
-        dense_step = method.needs_dense_grads & method.is_update_step(state.step)
+        dense_step = method.dense_grad_step(state.step)
         switch = None if attention is None else attention.switch(state.step)
         kept = {}
         if sat is not None:
@@ -220,11 +229,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
                 dense_step, dense_grads, masked_grads, state.params, state.masks, batch, switch)
         else:
             loss, grads, score_grads = masked_grads(state.params, state.masks, batch, switch)
+        grow_grads = state.grow_grads
+        if grow_grads is not None:
+            # Sum the window's dense gradients; the update scores growth by the sum.
+            grow_grads = jax.tree.map(lambda a, g: jnp.where(dense_step, a + g, 0.0),
+                                      grow_grads, masks_lib.subtree(score_grads, grow_grads))
+            score_grads = masks_lib.replace(score_grads, masks_lib.flatten(grow_grads))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = apply_masks(optax.apply_updates(state.params, updates), state.masks)
         params, masks, opt_state = method.update(state.step, params, state.masks, score_grads,
                                                  opt_state, update_rng)
+        if grow_grads is not None:   # a new window starts after each update
+            grow_grads = jax.tree.map(
+                lambda a: jnp.where(method.is_update_step(state.step), 0.0, a), grow_grads)
         batch_size, seq_len = batch["inputs"].shape
         step_flops = flops_lib.step_flops(
             model.cfg, state.masks, batch_size, seq_len, dense_weight_grad=dense_step,
@@ -233,7 +251,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
             **kept)
         new = state.replace(step=state.step + 1, params=params, masks=masks,
                             opt_state=opt_state, rng=jax.random.key_data(rng),
-                            flops=state.flops + step_flops["sparse"])
+                            flops=state.flops + step_flops["sparse"], grow_grads=grow_grads)
         # A non-finite step is not applied; the host loop sees bad_step and stops the run.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)

@@ -56,6 +56,12 @@ def _counts(masks, paths=SPARSE):
     (dict(method="gmp", density=0.5, update_start=30, update_end=20), "update_end"),
     (dict(method="static", density=0.5, structure="block", block_balance="rows"),
      "Unknown sparsity.block_balance"),
+    (dict(method="gmp", density=0.5, grow_balance="neuron"), "grow_balance=neuron"),
+    (dict(method="set", density=0.5, grow_grad_steps=4), "grow_grad_steps=4.*rigl"),
+    (dict(method="rigl", density=0.5, grow_grad_steps=6), r"<= update_every \(5\)"),
+    (dict(method="rigl", density=0.5, structure="block", grow_balance="neuron"),
+     "grow_balance=neuron"),
+    (dict(method="rigl", density=0.5, grow_balance="layer"), "Unknown sparsity.grow_bal"),
     (dict(method="gmp", density=0.5, structure="block", prune_scope="global"),
      "block_balance=none"),
 ])
@@ -286,3 +292,45 @@ def test_max_layer_density():
     assert methods.max_layer_density(_config(method="static", density=0.25)) == 0.25
     erk = methods.max_layer_density(_config(method="rigl", density=0.25, distribution="erk"))
     assert erk > 0.25
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_neuron_grow_balance_keeps_every_hidden_unit_degree(method):
+    # grow_balance=neuron: each MLP channel (fc column, proj row) and attention head dim
+    # (qkv column, out row) gets back exactly the live weights it lost; RigL picks them by
+    # the largest dense gradient among that unit's dead weights.
+    m = methods.build(_config(method=method, density=0.25, drop_fraction=0.5,
+                              drop_fraction_schedule="constant", grow_balance="neuron"))
+    p = _params()
+    masks = jax.jit(m.init_masks)(p, M.dense_masks(p), jax.random.key(0))
+    p = M.apply_masks(p, masks)
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape), jnp.float32), p)
+    opt = optax.adam(1e-3).init(p)
+    _, new_masks, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
+    flat_old, flat_new = M.flatten(masks), M.flatten(new_masks)
+    flat_w, flat_g = M.flatten(p), M.flatten(grads)
+    for path in SPARSE:
+        old, new = (np.asarray(t[path]) for t in (flat_old, flat_new))
+        w, g = np.abs(np.asarray(flat_w[path])), np.asarray(flat_g[path])
+        if path.endswith(("out/kernel", "proj/kernel")):    # hidden units are rows here
+            old, new, w, g = (np.swapaxes(x, -1, -2) for x in (old, new, w, g))
+        np.testing.assert_array_equal(new.sum(axis=-2), old.sum(axis=-2))   # per unit
+        assert (new & ~old).any(), path                                     # it did evolve
+        for i in range(N):
+            # Numpy oracle of one update: per matrix drop half the live weights by |w|
+            # (q, k and v separately), then per unit grow back what it lost, best first.
+            parts = 3 if "qkv" in path else 1
+            kept = np.zeros_like(old[i])
+            for c in np.split(np.arange(old.shape[-1]), parts):
+                live = old[i][:, c]
+                n_keep = live.sum() - int(np.round(0.5 * live.sum()))
+                cut = np.sort(w[i][:, c][live])[::-1][n_keep - 1]
+                kept[:, c] = live & (w[i][:, c] >= cut)
+            for j in range(old.shape[-1]):
+                lost = old[i][:, j].sum() - kept[:, j].sum()
+                grown = new[i][:, j] & ~kept[:, j]
+                assert grown.sum() == lost
+                if method == "rigl" and lost:
+                    dead_g = g[i][:, j][~kept[:, j]]
+                    assert g[i][:, j][grown].min() >= np.sort(dead_g)[::-1][lost - 1]

@@ -82,3 +82,40 @@ def test_topology_updates_keep_counts_zeros_and_one_compilation(method, structur
     for path, m in hist[-1][1].items():
         assert np.all(flat_params[path][~m] == 0.0)            # masked weights exactly zero
     assert step._cache_size() == 1                             # topology changes: no recompile
+
+
+def test_rigl_grows_by_the_dense_gradient_summed_over_grow_grad_steps():
+    # update_every=4, grow_grad_steps=3: updates at steps 0, 4, 8; the update at step 4
+    # grows by |g_2 + g_3 + g_4|, each g the dense gradient of that step's batch at that
+    # step's (masked) weights, computed here independently.
+    config = make_config(structure="unstructured", update_every=4, grow_grad_steps=3,
+                         sparse_layers="mlp/fc", drop_fraction=0.5,
+                         drop_fraction_schedule="constant")
+    model, tx, method = train_lib.build(config)
+    state = jax.jit(lambda r: train_lib.init_state(config, model, tx, method, r))(
+        jax.random.key(0))
+    step = jax.jit(train_lib.make_train_step(model, tx, method))
+    dense_grad = jax.jit(jax.grad(lambda p, b: train_lib.loss_fn(p, None, b, model)))
+    path = "blocks/mlp/fc/kernel"
+    summed, dense_flops = 0.0, []
+    for i, batch in enumerate(batches(5)):
+        g = masks_lib.flatten(dense_grad(masks_lib.apply_masks(state.params, state.masks),
+                                         batch))[path]
+        old = np.asarray(masks_lib.flatten(state.masks)[path])
+        summed = summed + g if i >= 2 else 0.0
+        before = state.flops
+        state, metrics = step(state, batch)
+        acc = np.asarray(masks_lib.flatten(state.grow_grads)[path])
+        if i in (2, 3):      # inside the window: the running sum is carried
+            np.testing.assert_allclose(acc, summed, rtol=1e-4, atol=1e-7)
+        else:                # after an update, or outside a window: empty
+            np.testing.assert_array_equal(acc, 0.0)
+        dense_flops.append(float(state.flops - before))
+    # Steps 0, 2, 3 and 4 paid the dense weight gradient; step 1 did not.
+    assert dense_flops[1] < min(dense_flops[0], dense_flops[2], dense_flops[3], dense_flops[4])
+    new = np.asarray(masks_lib.flatten(state.masks)[path])
+    score = np.abs(np.asarray(summed))
+    grown = new & ~old
+    assert grown.sum() > 0
+    for layer in range(grown.shape[0]):   # every grown entry beats every entry left dead
+        assert score[layer][grown[layer]].min() >= score[layer][~new[layer]].max()

@@ -76,6 +76,9 @@ def parse_settings(config) -> Settings:
         prune_scope=_choice("prune_scope", sp.prune_scope, ("layer", "global")),
         gmp_power=float(sp.gmp_power),
         grow_init=_choice("grow_init", sp.grow_init, ("zeros",)),
+        grow_balance=_choice("grow_balance", sp.get("grow_balance", "matrix"),
+                             ("matrix", "neuron")),
+        grow_grad_steps=int(sp.get("grow_grad_steps", 1)),
         dense_finetune_start=int(sp.get("dense_finetune_start", -1)),
         **_mst_settings(sp, update_end))
     _check_combination(settings, config)
@@ -188,6 +191,20 @@ def _check_combination(s: Settings, config) -> None:
                          "train.num_steps).")
     if s.method == "mst":
         _check_mst(s)
+    if s.grow_grad_steps != 1 and (
+            s.method not in ("rigl", "mst") or not 1 <= s.grow_grad_steps <= s.update_every):
+        raise ValueError(
+            f"grow_grad_steps={s.grow_grad_steps} sums the dense gradient that RigL/MST grow by "
+            f"over the steps before each update: it needs method=rigl|mst (got {s.method!r}) "
+            f"and 1 <= grow_grad_steps <= update_every ({s.update_every}). Set "
+            "--config.sparsity.grow_grad_steps=1, or a value in that range.")
+    if s.grow_balance == "neuron" and (s.method not in ("set", "rigl")
+                                       or s.structure.kind != "unstructured"):
+        raise ValueError(
+            f"grow_balance=neuron keeps each hidden unit's live weights through SET/RigL "
+            f"updates of unstructured masks; got method={s.method!r}, "
+            f"structure={s.structure.kind!r}. Set --config.sparsity.grow_balance=matrix, or "
+            "--config.sparsity.method=set|rigl with structure=unstructured.")
     # Shape checks against the model's kernels, before anything is initialised.
     shapes = kernel_shapes(config.model)
     for path in masks_lib.select_paths(sorted(shapes), s.sparse_layers):

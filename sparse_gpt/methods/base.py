@@ -16,6 +16,7 @@ functions (see set.py and rigl.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -49,6 +50,8 @@ class Settings:
     prune_scope: str = "layer"
     gmp_power: float = 3.0
     grow_init: str = "zeros"
+    grow_balance: str = "matrix"
+    grow_grad_steps: int = 1
     # MST (methods/mst.py): phase boundaries (steps), restoration target, mixed growing.
     mst_warmup_end: int = 250
     mst_ultra_end: int = 500
@@ -123,6 +126,18 @@ class SparsityMethod:
         """Whether the topology changes at (traced) ``step``. Dense: never."""
         del step
         return jnp.zeros((), jnp.bool_)
+
+    def dense_grad_step(self, step) -> jnp.ndarray:
+        """Whether (traced) ``step`` computes the dense gradient that growth scores by.
+
+        False unless ``needs_dense_grads``. Then the ``grow_grad_steps`` steps ending at each
+        update step: the train step sums their dense gradients (``TrainState.grow_grads``) and
+        the update scores growth by ``|sum|``, a gradient over ``grow_grad_steps`` batches.
+        """
+        if not self.needs_dense_grads:
+            return jnp.zeros((), jnp.bool_)
+        return functools.reduce(jnp.logical_or, [
+            self.is_update_step(step + j) for j in range(self.settings.grow_grad_steps)])
 
     def update_topology(self, step, params, masks, grads, opt_state, rng):
         """What an update step does; returns ``(params, masks, opt_state)``. Dense: nothing."""

@@ -15,6 +15,7 @@ compete for one count, and RigL's gradient growth would move weights from q and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
@@ -27,6 +28,13 @@ from sparse_gpt.methods.base import SparsityMethod
 # Kernels holding several matrices side by side in their output columns, as (sparse_layers
 # pattern, parts): model.py splits qkv's [D, 3D] columns as [3, heads, head_dim].
 FUSED_KERNELS = (("attn/qkv", 3),)
+
+# Kernels whose input rows are a block's hidden units (attention head dims, MLP channels);
+# the other sparse kernels (qkv, fc) hold them as output columns. ``grow_balance=neuron``
+# regrows per hidden unit: per column of qkv and fc, per row of these.
+OUTPUT_KERNELS = ("attn/out", "mlp/proj")
+# One selection row per output column of a (transposed) kernel: a hidden unit's weights.
+PER_COLUMN = masks_lib.Structure("block", (1, 1), balance="column")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +50,12 @@ class SET(SparsityMethod):
     start at zero. For unstructured and per-matrix blocks the row is the matrix (q, k and v
     each for the fused qkv kernel), so ``n_drop`` units are regrown. With ``structure=nm`` (or
     column-balanced blocks) the drop is per matrix over weights (blocks) and growth refills
-    each group (output block column), so the pattern and the count are both kept.
+    each group (output block column), so the pattern and the count are both kept. With
+    ``grow_balance=neuron`` (unstructured) growth refills each hidden unit instead: an MLP
+    channel or attention head dim gets back as many inputs (its fc / qkv column) and outputs
+    (its proj / out row) as the drop took, so no unit's degree changes. Growth per matrix
+    lets RigL's gradient growth pile connections onto a few well-connected units and cut
+    others off (benchmarks/results/sparsity_methods_tiny_1200steps_*.md).
     """
 
     def init_masks(self, params, masks, rng):
@@ -113,9 +126,17 @@ class SET(SparsityMethod):
                 for p, n in prune_lib.live_counts(sub, relaxed).items()}
         dropped = prune_lib.prune_to_count(masks, self.drop_scores(params, grads, sub, rng),
                                            keep, relaxed)
-        before = prune_lib.live_counts(sub, structure)
-        after = prune_lib.live_counts(masks_lib.subtree(dropped, sub), structure)
+        scores = self.grow_scores(params, grads, sub, rng)
+        flip = []
+        if self.settings.grow_balance == "neuron":
+            # Hidden units as selection rows: the output kernels are viewed transposed, so
+            # every hidden unit is a column, and growth counts per column.
+            structure = PER_COLUMN
+            flip = [p for p in masks_lib.flatten(sub)
+                    if any(masks_lib.path_matches(p, pat) for pat in OUTPUT_KERNELS)]
+        view = functools.partial(prune_lib.swap_last_axes, paths=flip)
+        before = prune_lib.live_counts(view(sub), structure)
+        after = prune_lib.live_counts(view(masks_lib.subtree(dropped, sub)), structure)
         grow = {p: jnp.maximum(self.target_counts(step, before[p]) - after[p], 0)
                 for p in before}
-        return regrow_lib.regrow(dropped, self.grow_scores(params, grads, sub, rng), grow,
-                                 structure)
+        return view(regrow_lib.regrow(view(dropped), view(scores), grow, structure))
