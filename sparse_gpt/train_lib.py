@@ -68,13 +68,28 @@ def _decay_mask(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with warm-up + cosine schedule and global-norm gradient clipping."""
-    return optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
-                    weight_decay=train.weight_decay, mask=_decay_mask),
-    )
+    """Global-norm gradient clipping, then the warm-up + cosine ``lr_schedule`` optimizer.
+
+    ``train.optimizer``: ``adamw`` (decoupled weight decay, betas ``b1``/``b2``) or ``sgd``
+    (Nesterov momentum ``b1`` with L2 weight decay added to the gradient, the RigL paper's
+    optimizer; set ``weight_decay`` to an SGD value such as 1e-4). Decay applies to kernels
+    and embeddings only.
+    """
+    name = train.get("optimizer", "adamw")
+    if name == "adamw":
+        opt = optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                          weight_decay=train.weight_decay, mask=_decay_mask)
+    elif name == "sgd":
+        opt = optax.chain(optax.add_decayed_weights(train.weight_decay, mask=_decay_mask),
+                          optax.sgd(lr_schedule(train), momentum=train.b1, nesterov=True))
+    else:
+        raise ValueError(f"Unknown train.optimizer {name!r}; choose one of "
+                         f"{', '.join(OPTIMIZERS)} (--config.train.optimizer=...).")
+    return optax.chain(optax.clip_by_global_norm(train.grad_clip), opt)
 
 
 def build(config: ml_collections.ConfigDict):

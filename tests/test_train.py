@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from sparse_gpt import checkpoint, cli, trainer
+from sparse_gpt import checkpoint, cli, train_lib, trainer
+from sparse_gpt import config as config_lib
 from sparse_gpt.metrics import load_metrics
 
 from helpers import small_config
@@ -106,11 +107,38 @@ def test_corrupt_checkpoint_is_named(corpus, tmp_path):
     ({"data.path": "/nonexistent/corpus"}, "/nonexistent/corpus"),
     ({"model.vocab_size": 100}, "vocab_size to at least 257"),
     ({"sparsity.density": 1.5}, "density"),
+    ({"train.optimizer": "lamb"}, "Unknown train.optimizer"),
 ])
 def test_bad_input_stops_before_training(corpus, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         trainer.train(small_config(corpus, **overrides), str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_sgd_is_clipped_nesterov_momentum_with_l2_decay_on_kernels():
+    c = config_lib.get_config("tiny")
+    c.train.update(optimizer="sgd", lr=0.1, weight_decay=0.01, b1=0.9, warmup_steps=2,
+                   num_steps=10, grad_clip=1.0)
+    tx = train_lib.make_optimizer(c.train)
+    rng = np.random.default_rng(0)
+    params = {"fc": {"kernel": rng.standard_normal((3, 2)).astype(np.float32),
+                     "bias": rng.standard_normal(2).astype(np.float32)}}
+    state = tx.init(params)
+    w, b = params["fc"]["kernel"].astype(np.float64), params["fc"]["bias"].astype(np.float64)
+    mw, mb = np.zeros_like(w), np.zeros_like(b)
+    for t, scale in enumerate([0.1, 5.0, 0.2, 3.0]):   # steps 1 and 3 are clipped
+        gw, gb = scale * rng.standard_normal(w.shape), scale * rng.standard_normal(b.shape)
+        grads = {"fc": {"kernel": gw.astype(np.float32), "bias": gb.astype(np.float32)}}
+        updates, state = tx.update(grads, state, params)
+        params = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
+        # Oracle: clip by global norm, L2 decay on the kernel only, Nesterov momentum.
+        clip = min(1.0, 1.0 / np.sqrt(np.sum(gw ** 2) + np.sum(gb ** 2)))
+        dw, db = clip * gw + 0.01 * w, clip * gb
+        mw, mb = 0.9 * mw + dw, 0.9 * mb + db
+        lr = float(train_lib.lr_schedule(c.train)(t))
+        w, b = w - lr * (dw + 0.9 * mw), b - lr * (db + 0.9 * mb)
+        np.testing.assert_allclose(params["fc"]["kernel"], w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(params["fc"]["bias"], b, rtol=1e-5, atol=1e-6)
 
 
 def test_empty_data_folder_is_refused(corpus, tmp_path):
