@@ -35,8 +35,11 @@ def _shapes(tree: Any) -> dict[str, list[int]]:
 
 
 def make_meta(model_cfg: model_lib.ModelConfig, state: Any) -> dict:
-    """Metadata stored beside each checkpoint and compared on restore."""
-    return {"model": dataclasses.asdict(model_cfg), "param_shapes": _shapes(state.params)}
+    """Metadata stored beside each checkpoint and compared on restore: the model, its
+    parameter shapes and the paths of every state leaf (optimizer state included)."""
+    paths = jax.tree_util.tree_flatten_with_path(_state_dict(state))[0]
+    return {"model": dataclasses.asdict(model_cfg), "param_shapes": _shapes(state.params),
+            "state_paths": sorted(jax.tree_util.keystr(p) for p, _ in paths)}
 
 
 class Checkpointer:
@@ -108,6 +111,22 @@ class Checkpointer:
         self.manager.close()
 
 
+def _check_same_state(saved: dict, current: dict, where: str) -> None:
+    """Same model, different training state: an optimizer or sparsity setting changed."""
+    if "state_paths" not in saved:   # written before the paths were stored
+        return
+    old, new = set(saved["state_paths"]), set(current["state_paths"])
+    if old == new:
+        return
+    diffs = [f"only in the checkpoint: {p}" for p in sorted(old - new)[:2]] + [
+        f"only in this run: {p}" for p in sorted(new - old)[:2]]
+    raise CheckpointError(
+        f"The checkpoint {where} holds a training state of another structure "
+        f"({'; '.join(diffs)}): a setting that shapes the state (train.optimizer, "
+        "sparsity.method, sparsity.grow_grad_steps, ...) differs from the run that wrote it. "
+        "Restore that run's config, or use a fresh --workdir.")
+
+
 def _state_dict(state: Any) -> dict:
     """The state as a dict without its unset (None) fields, so an optional field (e.g.
     ``grow_grads``) changes nothing on disk for runs that do not use it."""
@@ -116,6 +135,7 @@ def _state_dict(state: Any) -> dict:
 
 def _check_same_model(saved: dict, current: dict, where: str) -> None:
     if saved.get("param_shapes") == current["param_shapes"]:
+        _check_same_state(saved, current, where)
         return
     diffs = [f"{k}: {saved['model'].get(k)} -> {v}" for k, v in current["model"].items()
              if saved.get("model", {}).get(k) != v]

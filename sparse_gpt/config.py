@@ -80,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,
         batch_size=32,
         num_steps=10000,
-        optimizer="adamw",       # adamw | sgd (Nesterov momentum b1, L2 weight_decay)
+        optimizer="adamw",       # adamw | sgd (Nesterov momentum b1, L2 weight_decay: use
+                                 # an SGD value such as 1e-4, not AdamW's 0.1)
         lr=6e-4,
         min_lr_ratio=0.1,        # cosine decays to lr * min_lr_ratio
         warmup_steps=500,

@@ -5,7 +5,8 @@ Counting rules (multiply-add = 2 FLOPs; T = batch_size * seq_len tokens):
 * Each projection kernel ``[K, N]`` (attention QKV and output, MLP fc and proj, every layer):
   forward ``2 T K N``, backward ``dX`` ``2 T K N`` and ``dW`` ``2 T K N``, so ``6 T K N``
   dense. Sparse counts replace ``K N`` by the matrix's live weights ``nnz``: ``6 T nnz``.
-  With a dense weight gradient (RigL's update steps) ``dW`` stays ``2 T K N``.
+  With a dense weight gradient (RigL's update steps, or the whole ``grow_grad_steps``
+  window before each) ``dW`` stays ``2 T K N``.
 * Attention scores ``Q K^T`` and the value product ``P V``: ``2 L^2 D`` each per sequence
   and layer forward, times 3 for training; counted dense and over the full ``L x L`` square
   (the causal half is not subtracted, as in most published counts). While a sparse
@@ -53,7 +54,7 @@ def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
       batch_size: sequences per step.
       seq_len: tokens per sequence.
       dense_weight_grad: bool or traced bool; True when this step computes the dense weight
-        gradient (``needs_dense_grads`` methods on update steps).
+        gradient (``needs_dense_grads`` methods on the steps of ``dense_grad_step``).
       attention_pairs: float or traced scalar: (query, key) pairs per sequence and head the
         attention computes this step, for the sparse count; None (default) is ``L^2``.
 

@@ -48,8 +48,8 @@ class TrainState:
     rng: jax.Array           # uint32[2] raw key data (checkpoint friendly)
     bad_step: jax.Array      # int32: first step whose loss/grad was not finite, -1 if none
     flops: jax.Array         # float32: cumulative training FLOPs counted from the masks
-    # float32 leaves on the mask paths: the dense gradients summed so far in the window
-    # before a RigL/MST update (sparsity.grow_grad_steps > 1); None otherwise.
+    # float32 leaves on the sparse kernels' paths: the dense gradients summed so far in the
+    # window before a RigL/MST update (sparsity.grow_grad_steps > 1); None otherwise.
     grow_grads: PyTree = None
 
 
@@ -118,7 +118,8 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module,
     params = apply_masks(variables["params"], masks)
     grow_grads = None
     if method.needs_dense_grads and method.settings.grow_grad_steps > 1:
-        grow_grads = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), masks)
+        grow_grads = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32),
+                                  method.sparse_masks(masks))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
                       opt_state=tx.init(params), rng=jax.random.key_data(step_rng),
                       bad_step=jnp.full((), -1, jnp.int32), flops=jnp.zeros((), jnp.float32),

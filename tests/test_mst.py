@@ -257,3 +257,13 @@ def test_train_py_run_density_goes_down_then_up(tmp_path):
     assert density[45] == pytest.approx(0.3, abs=2e-3)           # restoration, linear
     assert density[60] == pytest.approx(0.5, abs=2e-3)
     assert [r["sparse_attention"] for r in rows][:7] == [0, 0, 1, 1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_dense_gradient_only_before_the_updates_that_grow(k):
+    # Updates at 0, 5, ..., 30 (update_every=5, update_end=30); warm-up ends at 10, so the
+    # updates at 0 and 5 only prune and need no dense gradient. With grow_grad_steps=k the
+    # k steps ending at each growing update compute it.
+    m = methods.build(_config(grow_grad_steps=k))
+    dense = [s for s in range(40) if bool(m.dense_grad_step(jnp.asarray(s)))]
+    assert dense == [u - j for u in (10, 15, 20, 25, 30) for j in reversed(range(k))]

@@ -192,3 +192,11 @@ def test_train_and_eval_scripts_end_to_end(corpus, tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Unknown config key 'train.nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_resume_with_a_setting_that_changes_the_state_is_named(corpus, tmp_path):
+    trainer.train(small_config(corpus, **{"train.num_steps": 4}), str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="training state of another structure.*train.optimizer"):
+        trainer.train(small_config(corpus, **{"train.num_steps": 8,
+                                              "train.optimizer": "sgd"}), str(tmp_path))

@@ -127,17 +127,24 @@ class SparsityMethod:
         del step
         return jnp.zeros((), jnp.bool_)
 
+    def grows_by_gradient(self, step) -> jnp.ndarray:
+        """Whether the update at (traced) ``step`` grows by gradient (``needs_dense_grads``
+        methods): every update by default; MST's warm-up updates only prune."""
+        return self.is_update_step(step)
+
     def dense_grad_step(self, step) -> jnp.ndarray:
         """Whether (traced) ``step`` computes the dense gradient that growth scores by.
 
         False unless ``needs_dense_grads``. Then the ``grow_grad_steps`` steps ending at each
-        update step: the train step sums their dense gradients (``TrainState.grow_grads``) and
-        the update scores growth by ``|sum|``, a gradient over ``grow_grad_steps`` batches.
+        update that grows by gradient: the train step sums their dense gradients
+        (``TrainState.grow_grads``) and the update scores growth by ``|sum|``. The sum
+        restarts after every update, so an update fewer than ``grow_grad_steps`` steps after
+        the previous one (MST's phase boundaries) sums only the steps since.
         """
         if not self.needs_dense_grads:
             return jnp.zeros((), jnp.bool_)
         return functools.reduce(jnp.logical_or, [
-            self.is_update_step(step + j) for j in range(self.settings.grow_grad_steps)])
+            self.grows_by_gradient(step + j) for j in range(self.settings.grow_grad_steps)])
 
     def update_topology(self, step, params, masks, grads, opt_state, rng):
         """What an update step does; returns ``(params, masks, opt_state)``. Dense: nothing."""
@@ -152,8 +159,10 @@ class SparsityMethod:
           step: traced int, 0-based index of the step just taken.
           params: parameters after the optimizer update (and the train step's masking).
           masks: current mask tree.
-          grads: dense gradients on update steps when ``needs_dense_grads``, else the
-            ordinary (masked) gradients; may be None for methods that ignore them.
+          grads: on the update steps of ``needs_dense_grads`` methods, the dense gradient
+            (with ``grow_grad_steps > 1`` its sum over the window, see
+            :meth:`dense_grad_step`); else the ordinary (masked) gradients; may be None for
+            methods that ignore them.
           opt_state: optax state after the update.
           rng: PRNG key; the step is folded in, so one key per run suffices.
 

@@ -49,7 +49,8 @@ class MST(SET):
     """Warm-up pruning, ultra-sparse dynamic training, restoration; mixed growing.
 
     Inherits SET's magnitude drop score; growth is by dense gradient and at random, so
-    ``needs_dense_grads`` asks the train step for the dense gradient on update steps.
+    ``needs_dense_grads`` asks the train step for the dense gradient on the updates that grow
+    (from ``mst_warmup_end`` on; over the ``grow_grad_steps`` steps ending at each, summed).
     """
 
     needs_dense_grads: ClassVar[bool] = True
@@ -92,6 +93,11 @@ class MST(SET):
         step = jnp.asarray(step, jnp.int32)
         periodic = schedules.periodic(s.update_every, s.update_start, s.update_end)
         return periodic(step) | (step == s.mst_warmup_end) | (step == s.update_end)
+
+    def grows_by_gradient(self, step):
+        """Warm-up updates only prune, so they need no dense gradient."""
+        return self.is_update_step(step) & (
+            jnp.asarray(step, jnp.int32) >= self.settings.mst_warmup_end)
 
     def drop_fraction(self, step):
         """Prune fraction of the evolving phases: 0 in warm-up, then cosine from 0.3."""

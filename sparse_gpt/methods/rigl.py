@@ -14,7 +14,8 @@ class RigL(SET):
     """Drops the smallest ``|w|`` and regrows the dead weights with the largest ``|dL/dw|``.
 
     The gradient must be dense (it is zero on masked weights otherwise), so
-    ``needs_dense_grads`` asks the train step for the dense gradient on update steps.
+    ``needs_dense_grads`` asks the train step for the dense gradient on update steps (on the
+    ``grow_grad_steps`` steps ending at each, summed, when that is above 1).
     Everything else - cosine drop fraction, update interval, zero init, moment reset - is
     inherited from SET.
     """
