@@ -89,7 +89,9 @@ class Checkpointer:
                 f"Checkpoint {where} is unreadable ({type(e).__name__}: {e}). Delete that step "
                 "folder to resume from an earlier one, or use a fresh --workdir.") from e
         _check_same_model(saved_meta, meta, where)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(abstract_state))
+        _check_same_state(saved_meta, meta, where)
+        full = flax.serialization.to_state_dict(abstract_state)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _drop_unset(full))
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -98,8 +100,7 @@ class Checkpointer:
                 f"Checkpoint {where} is corrupt or incomplete ({type(e).__name__}: {e}). "
                 "Delete that step folder to resume from an earlier one, or use a fresh "
                 "--workdir.") from e
-        unset = {k: None for k, v in flax.serialization.to_state_dict(abstract_state).items()
-                 if v is None}
+        unset = {k: None for k, v in full.items() if v is None}
         state = flax.serialization.from_state_dict(abstract_state, {**restored.state, **unset})
         return state, restored.data, step
 
@@ -127,15 +128,19 @@ def _check_same_state(saved: dict, current: dict, where: str) -> None:
         "Restore that run's config, or use a fresh --workdir.")
 
 
-def _state_dict(state: Any) -> dict:
-    """The state as a dict without its unset (None) fields, so an optional field (e.g.
+def _drop_unset(state_dict: dict) -> dict:
+    """A state dict without its unset (None) fields, so an optional field (e.g.
     ``grow_grads``) changes nothing on disk for runs that do not use it."""
-    return {k: v for k, v in flax.serialization.to_state_dict(state).items() if v is not None}
+    return {k: v for k, v in state_dict.items() if v is not None}
+
+
+def _state_dict(state: Any) -> dict:
+    """The state as the dict that is written to disk (see :func:`_drop_unset`)."""
+    return _drop_unset(flax.serialization.to_state_dict(state))
 
 
 def _check_same_model(saved: dict, current: dict, where: str) -> None:
     if saved.get("param_shapes") == current["param_shapes"]:
-        _check_same_state(saved, current, where)
         return
     diffs = [f"{k}: {saved['model'].get(k)} -> {v}" for k, v in current["model"].items()
              if saved.get("model", {}).get(k) != v]
