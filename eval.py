@@ -6,7 +6,7 @@
 
 Prints validation `loss`, `perplexity`, `bits_per_byte`, the run's `step`, cumulative training
 `flops` and mask `density`, with --prompt a continuation (`sample`), and with --tasks the
-zero-shot multiple-choice accuracies `tasks: {name: {acc, acc_norm, n}}` (sparse_gpt/mc_eval.py).
+zero-shot multiple-choice accuracies `tasks: {name: {acc, acc_norm, n}}` (sparse_gpt/evaluation/mc_eval.py).
 """
 
 import argparse
@@ -33,7 +33,11 @@ def parse(argv):
 
 def main(argv):
     args = parse(argv)
-    from sparse_gpt import checkpoint, flops, mc_eval, sampling, trainer
+    from sparse_gpt import flops
+    from sparse_gpt.training import checkpoint
+    from sparse_gpt.evaluation import mc_eval
+    from sparse_gpt.evaluation import sampling
+    from sparse_gpt.training import trainer
     tasks = [p.strip() for p in args.tasks.split(",") if p.strip()]
     try:
         mc_eval.load_tasks(tasks)  # a bad task file fails before the model is loaded

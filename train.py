@@ -11,7 +11,7 @@ shape: static 75% block-sparse attention and MLP projections through the block-s
 
 Re-running the same command resumes from the newest checkpoint in --workdir.
 
-Parallelism is the `mesh` section (sparse_gpt/sharding.py, sparse_gpt/pipeline.py), e.g. on 8
+Parallelism is the `mesh` section (sparse_gpt/parallel/sharding.py, sparse_gpt/parallel/pipeline.py), e.g. on 8
 fake CPU devices, 2-way data parallel x 4 pipeline stages:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -38,12 +38,13 @@ def main(argv):
     except ValueError as e:  # bad preset, path or override: one clear line, no traceback
         sys.exit(f"error: {e}")
     import jax
-    from sparse_gpt import sharding
+    from sparse_gpt.parallel import sharding
     sharding.maybe_initialize_distributed()  # before anything asks for devices
     # Re-running a command (e.g. to resume) reuses the compiled steps of the previous run.
     jax.config.update("jax_compilation_cache_dir", os.environ.get(
         "SPARSE_GPT_JAX_CACHE", os.path.expanduser("~/.cache/sparse_gpt/jax")))
-    from sparse_gpt import checkpoint, trainer
+    from sparse_gpt.training import checkpoint
+    from sparse_gpt.training import trainer
     workdir = args.workdir or os.path.join(
         "runs", f"{config.get('preset', 'custom')}-{config.sparsity.method}")
     try:

@@ -56,8 +56,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks._results import save_result  # noqa: E402
 from benchmarks.block_sparse_matmul import machine_description  # noqa: E402
-from sparse_gpt import model as model_lib  # noqa: E402
-from sparse_gpt import pipeline, sharding, train_lib  # noqa: E402
+from sparse_gpt.model import gpt as model_lib# noqa: E402
+from sparse_gpt.parallel import pipeline# noqa: E402
+from sparse_gpt.parallel import sharding
+from sparse_gpt.training import step as train_lib
 from sparse_gpt import config as config_lib  # noqa: E402
 
 

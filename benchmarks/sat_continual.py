@@ -33,7 +33,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks._results import save_result  # noqa: E402
-from sparse_gpt import cli, sat, train_lib, trainer  # noqa: E402
+from sparse_gpt import cli# noqa: E402
+from sparse_gpt.sparsity import sat
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.training import trainer
 
 
 def _config(args, steps: int, overrides: dict):

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import kernels  # noqa: E402
 from benchmarks.block_sparse_matmul import machine_description, time_interleaved  # noqa: E402
-from sparse_gpt import attention as attention_lib  # noqa: E402
+from sparse_gpt.model import attention as attention_lib# noqa: E402
 
 
 def _fns(f):

@@ -32,7 +32,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._results import save_result  # noqa: E402
-from sparse_gpt import cli, trainer  # noqa: E402
+from sparse_gpt import cli# noqa: E402
+from sparse_gpt.training import trainer
 
 
 def run(method: str, density: float, args, label: str | None = None,

@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,                  # shuffling seed
         num_workers=0,           # grain worker processes (0: in-process)
         format="text",           # text | sft: {"prompt","response"} JSONL, loss on the response
-                                 # only (one padded example per row; see sparse_gpt/sft.py)
+                                 # only (one padded example per row; see sparse_gpt/data/sft.py)
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -132,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
                                  # MLP channel - regrows its own dropped inputs and outputs)
         grow_grad_steps=1,       # rigl/mst: growth scores by |sum of the dense gradients|
                                  # of this many steps ending at each update (1: its own)
-        # method=mst (sparse_gpt/methods/mst.py): dense -> `density` (cubic warm-up over
+        # method=mst (sparse_gpt/sparsity/methods/mst.py): dense -> `density` (cubic warm-up over
         # [update_start, mst_warmup_end)), ultra-sparse evolution until mst_ultra_end, then
         # restoration to mst_final_density at update_end. -1: 1/4 and 3/4 of the update window.
         mst_warmup_end=-1,
@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
         dense_finetune_start=-1,
     ))
 
-    # Hybrid sparse attention (sparse_gpt/attention.py, MST): the pattern replaces dense
+    # Hybrid sparse attention (sparse_gpt/model/attention.py, MST): the pattern replaces dense
     # causal attention on training steps [sparse_start, sparse_end); evaluation stays dense.
     c.attention = ml_collections.ConfigDict(dict(
         pattern="local_strided",  # local | strided | local_strided (Sparse Transformer) | fixed
@@ -160,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
         backend="auto",          # auto | xla | pallas_gpu | reference
     ))
 
-    # SAT (sparse_gpt/sat.py): per step and layer, omit this fraction of attention heads and
+    # SAT (sparse_gpt/sparsity/sat.py): per step and layer, omit this fraction of attention heads and
     # MLP channels (no compute, zero gradient), chosen by importance; for continual
     # pretraining / fine-tuning from train.init_from. Evaluation stays dense.
     c.sat = ml_collections.ConfigDict(dict(
@@ -174,7 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
         probe_tokens=256,        # max_inner_product: tokens the score is computed on
     ))
 
-    # Device mesh (sparse_gpt/sharding.py) and pipeline (sparse_gpt/pipeline.py). The product
+    # Device mesh (sparse_gpt/parallel/sharding.py) and pipeline (sparse_gpt/parallel/pipeline.py). The product
     # of the four sizes is the device count; e.g. 8 devices as 2 data x 4 stages:
     #   python train.py --config.mesh.stage=4 --config.mesh.data=2
     c.mesh = ml_collections.ConfigDict(dict(

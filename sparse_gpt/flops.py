@@ -25,7 +25,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sparse_gpt import masks as masks_lib
+from sparse_gpt.sparsity import masks as masks_lib
 
 Tree = Any
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import kernels
-from sparse_gpt import attention as A
+from sparse_gpt.model import attention as A
 from sparse_gpt import config as config_lib
 from sparse_gpt import flops as flops_lib
-from sparse_gpt import model as model_lib
-from sparse_gpt import train_lib
+from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.training import step as train_lib
 
 BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True)]
 FAST = {"xla_backend_optimization_level": 0}   # 2-3x faster compiles of these tiny programs
@@ -250,7 +250,8 @@ def test_train_step_switches_by_step_without_recompiling():
 @pytest.mark.slow
 def test_sharded_training_with_sparse_attention_matches_one_device():
     """On a data-parallel mesh the kernel runs per device in shard_map (like the matmul)."""
-    from sparse_gpt import sharding, trainer
+    from sparse_gpt.parallel import sharding
+    from sparse_gpt.training import trainer
 
     c = _tiny_config(sparse_start=1, sparse_end=3)
     c.train.batch_size = 4

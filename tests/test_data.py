@@ -1,4 +1,4 @@
-"""Tests of sparse_gpt.tokenizers and sparse_gpt.data against hand-computed token streams.
+"""Tests of sparse_gpt.data.tokenizers and sparse_gpt.data.dataset against hand-computed token streams.
 
 Every dataset is built into a tmp_path cache from a tiny corpus written here (one test builds
 the bundled Shakespeare corpus), so nothing touches ~/.cache and runs stay independent.
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from sparse_gpt import config as config_lib
-from sparse_gpt import data as data_lib
-from sparse_gpt import tokenizers
+from sparse_gpt.data import dataset as data_lib
+from sparse_gpt.data import tokenizers
 
 EOT = 256  # ByteTokenizer's end-of-text id
 

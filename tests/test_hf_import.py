@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from sparse_gpt import hf_import, init_from, train_lib, trainer
-from sparse_gpt import data as data_lib
-from sparse_gpt import model as model_lib
-from sparse_gpt.metrics import load_metrics
+from sparse_gpt.model import hf_import
+from sparse_gpt.training import init_from
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.training import trainer
+from sparse_gpt.data import dataset as data_lib
+from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.training.metrics import load_metrics
 
 import helpers
 
@@ -199,7 +202,7 @@ def test_init_from_hf_starts_at_the_imported_models_loss(corpus, tmp_path):
 
 def fake_workdir(config, workdir):
     """A sparse_gpt workdir holding one checkpoint of a freshly initialised model."""
-    from sparse_gpt import checkpoint
+    from sparse_gpt.training import checkpoint
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort())

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_gpt import masks as M
+from sparse_gpt.sparsity import masks as M
 
 
 def _params(n=2, d=8, f=32, v=16):

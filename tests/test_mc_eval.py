@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_gpt import mc_eval, tokenizers
-from sparse_gpt import model as model_lib
+from sparse_gpt.evaluation import mc_eval
+from sparse_gpt.data import tokenizers
+from sparse_gpt.model import gpt as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = tokenizers.ByteTokenizer()
@@ -180,7 +181,9 @@ def test_eval_cli_rejects_a_bad_task_before_loading_the_run(tmp_path, capsys):
 
 def test_eval_cli_reports_tasks_of_a_run(tmp_path, capsys):
     """eval.py --tasks on a workdir (one checkpoint of an initialised tiny model)."""
-    from sparse_gpt import checkpoint, cli, train_lib
+    from sparse_gpt import cli
+    from sparse_gpt.training import checkpoint
+    from sparse_gpt.training import step as train_lib
     from sparse_gpt import config as config_lib
     (tmp_path / "doc0.txt").write_text("To be, or not to be, that is the question. " * 40)
     (tmp_path / "doc1.txt").write_text("All the world's a stage, and all the men and women. " * 40)

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 from sparse_gpt import config as config_lib
-from sparse_gpt import masks as M
-from sparse_gpt import methods
-from sparse_gpt import regrow as R
+from sparse_gpt.sparsity import masks as M
+from sparse_gpt.sparsity import methods
+from sparse_gpt.sparsity import regrow as R
 
 N, D, FF = 2, 16, 64
 SPARSE = ("blocks/attn/out/kernel", "blocks/attn/qkv/kernel",

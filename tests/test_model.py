@@ -9,8 +9,9 @@ import optax
 import pytest
 
 from sparse_gpt import config as config_lib
-from sparse_gpt import model as model_lib
-from sparse_gpt import sampling, train_lib
+from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.evaluation import sampling
+from sparse_gpt.training import step as train_lib
 
 
 def tiny_cfg(**overrides) -> model_lib.ModelConfig:

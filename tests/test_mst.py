@@ -7,10 +7,10 @@ import optax
 import pytest
 
 from sparse_gpt import config as config_lib
-from sparse_gpt import masks as M
-from sparse_gpt import methods
-from sparse_gpt import prune as P
-from sparse_gpt import regrow as R
+from sparse_gpt.sparsity import masks as M
+from sparse_gpt.sparsity import methods
+from sparse_gpt.sparsity import prune as P
+from sparse_gpt.sparsity import regrow as R
 
 N, D, FF = 2, 16, 64
 FC, OUT = "blocks/mlp/fc/kernel", "blocks/attn/out/kernel"   # 16x64 = 1024, 16x16 = 256

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparse_gpt import model as model_lib
-from sparse_gpt import pipeline, sharding, train_lib
+from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.parallel import pipeline
+from sparse_gpt.parallel import sharding
+from sparse_gpt.training import step as train_lib
 from sparse_gpt import config as config_lib
 
 RULES = sharding.parse_rules(config_lib.base_config().mesh.rules)

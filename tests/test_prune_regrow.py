@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_gpt import masks as M
-from sparse_gpt import prune as P
-from sparse_gpt import regrow as R
+from sparse_gpt.sparsity import masks as M
+from sparse_gpt.sparsity import prune as P
+from sparse_gpt.sparsity import regrow as R
 
 W = jnp.array([[4.0, -1.0, 3.0, 0.5],
                [2.0, -7.0, 1.0, 1.0],

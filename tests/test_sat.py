@@ -8,9 +8,9 @@ import pytest
 
 from sparse_gpt import config as config_lib
 from sparse_gpt import flops as flops_lib
-from sparse_gpt import model as model_lib
-from sparse_gpt import sat
-from sparse_gpt import train_lib
+from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.sparsity import sat
+from sparse_gpt.training import step as train_lib
 
 N, D, H, F, L = 2, 32, 4, 128, 16
 K = D // H

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_gpt import schedules as S
+from sparse_gpt.sparsity import schedules as S
 
 
 def _eval(fn, steps):

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from sparse_gpt import config as config_lib
-from sparse_gpt import data as data_lib
-from sparse_gpt import sft, tokenizers, train_lib
+from sparse_gpt.data import dataset as data_lib
+from sparse_gpt.data import sft
+from sparse_gpt.data import tokenizers
+from sparse_gpt.training import step as train_lib
 
 E = 256  # ByteTokenizer's end-of-text id
 a, b, c, d, e, f, x, y, z = (ord(ch) for ch in "abcdefxyz")

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparse_gpt import checkpoint, cli, sharding, train_lib, trainer
+from sparse_gpt import cli
+from sparse_gpt.training import checkpoint
+from sparse_gpt.parallel import sharding
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.training import trainer
 from sparse_gpt import config as config_lib
-from sparse_gpt import model as model_lib
+from sparse_gpt.model import gpt as model_lib
 
 STEPS = 3
 FAST = {"xla_backend_optimization_level": 0}   # 3x faster compiles; numerics unchanged

@@ -16,11 +16,17 @@ import optax
 import pytest
 
 import kernels
-from sparse_gpt import checkpoint, cli, flops, methods, pipeline, sharding, train_lib, trainer
+from sparse_gpt import cli, flops
+from sparse_gpt.training import checkpoint
+from sparse_gpt.sparsity import methods
+from sparse_gpt.parallel import pipeline
+from sparse_gpt.parallel import sharding
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.training import trainer
 from sparse_gpt import config as config_lib
-from sparse_gpt import masks as masks_lib
+from sparse_gpt.sparsity import masks as masks_lib
 from sparse_gpt.configs import sparse_pretrain
-from sparse_gpt.metrics import load_metrics
+from sparse_gpt.training.metrics import load_metrics
 
 from helpers import small_config
 

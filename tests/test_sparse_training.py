@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_gpt import cli, flops, train_lib
-from sparse_gpt import masks as masks_lib
+from sparse_gpt import cli, flops
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.sparsity import masks as masks_lib
 
 
 def make_config(method="rigl", matmul="masked", **sparsity):

@@ -11,9 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from sparse_gpt import checkpoint, cli, train_lib, trainer
+from sparse_gpt import cli
+from sparse_gpt.training import checkpoint
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.training import trainer
 from sparse_gpt import config as config_lib
-from sparse_gpt.metrics import load_metrics
+from sparse_gpt.training.metrics import load_metrics
 
 from helpers import small_config
 

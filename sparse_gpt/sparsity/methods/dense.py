@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sparse_gpt.methods.base import SparsityMethod
+from sparse_gpt.sparsity.methods.base import SparsityMethod
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
-from sparse_gpt import model as model_lib
+from sparse_gpt.model import gpt as model_lib
 
 PyTree = Any
 SCHEDULES = ("gpipe", "circular")
@@ -202,5 +202,5 @@ def make_forward(mesh: Mesh, pcfg: PipelineConfig, axis: str = "stage") -> Calla
 def pipelined_loss_fn(params: PyTree, masks: PyTree | None, batch: dict, model: nn.Module,
                       mesh: Mesh, pcfg: PipelineConfig) -> jax.Array:
     """``train_lib.loss_fn`` with the blocks pipelined (same trees, same value)."""
-    from sparse_gpt import train_lib
+    from sparse_gpt.training import step as train_lib
     return train_lib.loss_fn(params, masks, batch, model, forward=make_forward(mesh, pcfg))

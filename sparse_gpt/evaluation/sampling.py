@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_gpt import masks as masks_lib
+from sparse_gpt.sparsity import masks as masks_lib
 
 
 @partial(jax.jit, static_argnames=("model", "num_tokens", "top_k", "vocab_size"))

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparse_gpt import schedules
+from sparse_gpt.sparsity import schedules
 
 METRICS = ("uniform", "magnitude", "wanda", "max_inner_product")
 SELECTIONS = ("topk", "sample")

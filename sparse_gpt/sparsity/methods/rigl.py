@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from sparse_gpt import prune as prune_lib
-from sparse_gpt.methods.set import SET
+from sparse_gpt.sparsity import prune as prune_lib
+from sparse_gpt.sparsity.methods.set import SET
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import flax
 import jax
 import orbax.checkpoint as ocp
 
-from sparse_gpt import model as model_lib
+from sparse_gpt.model import gpt as model_lib
 
 
 class CheckpointError(RuntimeError):

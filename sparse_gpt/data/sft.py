@@ -49,7 +49,7 @@ def read_examples(root: str, files: Sequence[str]) -> list[tuple[str, tuple[str,
         if not rel.endswith(SFT_SUFFIXES):
             raise ValueError(f"{full} is not .jsonl(.gz); data.format=sft reads JSONL only. "
                              f"{_HOW}")
-        from sparse_gpt import data  # data.py imports this module at its top
+        from sparse_gpt.data import dataset as data# data.py imports this module at its top
         opener = gzip.open if rel.endswith(".gz") else open
         try:
             with opener(full, "rt", encoding="utf-8") as f:

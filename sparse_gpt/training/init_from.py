@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_gpt import hf_import
-from sparse_gpt import model as model_lib
+from sparse_gpt.model import hf_import
+from sparse_gpt.model import gpt as model_lib
 
 PyTree = Any
 _SHAPE_KEYS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_len", "use_rope")
@@ -53,8 +53,8 @@ def _check_shape(path: str, want: dict[str, Any], model_cfg: model_lib.ModelConf
 
 def _load_workdir(workdir: str) -> tuple[dict[str, Any], PyTree]:
     """(model fields, params) of a sparse_gpt workdir's newest checkpoint."""
-    from sparse_gpt import checkpoint as ckpt_lib
-    from sparse_gpt import train_lib
+    from sparse_gpt.training import checkpoint as ckpt_lib
+    from sparse_gpt.training import step as train_lib
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     model, tx, method = train_lib.build(config)
@@ -128,7 +128,7 @@ def warm_start(config: ml_collections.ConfigDict, model, state, rng: jax.Array):
     Raises:
       ValueError: see :func:`load_params`.
     """
-    from sparse_gpt import train_lib
+    from sparse_gpt.training import step as train_lib
     params = load_params(config.train.init_from, model.cfg)
     _, tx, method = train_lib.build(config)
     _, mask_rng, _ = jax.random.split(rng, 3)  # the split train_lib.init_state uses

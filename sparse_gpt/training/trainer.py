@@ -18,13 +18,15 @@ import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sparse_gpt import attention as attention_lib
-from sparse_gpt import checkpoint as ckpt_lib
-from sparse_gpt import data as data_lib
-from sparse_gpt import pipeline, sampling, sharding
-from sparse_gpt import sat as sat_lib
-from sparse_gpt import train_lib
-from sparse_gpt.metrics import MetricsWriter
+from sparse_gpt.model import attention as attention_lib
+from sparse_gpt.training import checkpoint as ckpt_lib
+from sparse_gpt.data import dataset as data_lib
+from sparse_gpt.parallel import pipeline
+from sparse_gpt.evaluation import sampling
+from sparse_gpt.parallel import sharding
+from sparse_gpt.sparsity import sat as sat_lib
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.training.metrics import MetricsWriter
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -135,7 +137,7 @@ def restore_or_init(config, workdir: str, model, init, data_iter):
     if ckpt.latest_step() is None:
         state = init(rng)
         if config.train.get("init_from"):  # a fresh run starting from other weights
-            from sparse_gpt import init_from
+            from sparse_gpt.training import init_from
             state = init_from.warm_start(config, model, state, rng)
         return state, ckpt, meta
     state, data_state, _ = ckpt.restore(abstract, meta)

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from sparse_gpt import layers
+from sparse_gpt.model import layers
 
 AXES = ("data", "fsdp", "tensor", "stage")
 PyTree = Any

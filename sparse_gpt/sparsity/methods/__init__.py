@@ -15,15 +15,15 @@ All configuration errors are raised here, at build time, with the fix in the mes
 
 from __future__ import annotations
 
-from sparse_gpt import masks as masks_lib
+from sparse_gpt.sparsity import masks as masks_lib
 from sparse_gpt.flops import kernel_shapes
-from sparse_gpt.methods.base import Settings, SparsityMethod
-from sparse_gpt.methods.dense import Dense
-from sparse_gpt.methods.gmp import GMP
-from sparse_gpt.methods.mst import MST
-from sparse_gpt.methods.rigl import RigL
-from sparse_gpt.methods.set import SET
-from sparse_gpt.methods.static import Static
+from sparse_gpt.sparsity.methods.base import Settings, SparsityMethod
+from sparse_gpt.sparsity.methods.dense import Dense
+from sparse_gpt.sparsity.methods.gmp import GMP
+from sparse_gpt.sparsity.methods.mst import MST
+from sparse_gpt.sparsity.methods.rigl import RigL
+from sparse_gpt.sparsity.methods.set import SET
+from sparse_gpt.sparsity.methods.static import Static
 
 METHODS = {"dense": Dense, "static": Static, "gmp": GMP, "set": SET, "rigl": RigL, "mst": MST}
 
@@ -139,7 +139,7 @@ def _check_dense_finetune(s: Settings, config) -> None:
             f"--config.sparsity.dense_finetune_start={max(1, int(0.9 * num_steps))} for a "
             "dense last 10%.")
     if config.model.get("matmul", "masked") == "block_sparse":
-        from sparse_gpt import attention  # attention imports the kernels package
+        from sparse_gpt.model import attention# attention imports the kernels package
         sat = config.get("sat")
         if attention.from_config(config) is not None or (sat is not None
                                                          and float(sat.omission_rate) > 0):

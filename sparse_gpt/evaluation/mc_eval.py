@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_gpt import masks as masks_lib
+from sparse_gpt.sparsity import masks as masks_lib
 
-SAMPLE_TASK = os.path.join(os.path.dirname(__file__), "tasks", "sample_mc.jsonl")
+SAMPLE_TASK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tasks", "sample_mc.jsonl")
 _HOW = ('A task file needs one {"context": str, "choices": [str, ...], "label": int} object '
         "per line.")
 

@@ -16,9 +16,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from sparse_gpt import masks as masks_lib
-from sparse_gpt.masks import UNSTRUCTURED, Structure
-from sparse_gpt import prune as prune_lib
+from sparse_gpt.sparsity import masks as masks_lib
+from sparse_gpt.sparsity.masks import UNSTRUCTURED, Structure
+from sparse_gpt.sparsity import prune as prune_lib
 
 Tree = Any
 

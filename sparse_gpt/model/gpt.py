@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sparse_gpt import sat as sat_lib
-from sparse_gpt import tokenizers
-from sparse_gpt.layers import SparseDense, logical_init
+from sparse_gpt.sparsity import sat as sat_lib
+from sparse_gpt.data import tokenizers
+from sparse_gpt.model.layers import SparseDense, logical_init
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -70,7 +70,7 @@ class ModelConfig:
         kwargs["block_size"] = config.sparsity.block_size
         kwargs["num_tokens"] = tokenizers.VOCAB_SIZES.get(config.data.tokenizer, 0)
         if m.matmul == "block_sparse":
-            from sparse_gpt import methods  # the budget covers the densest layer ever held
+            from sparse_gpt.sparsity import methods# the budget covers the densest layer ever held
             kwargs["block_density"] = methods.max_layer_density(config)
         mc = cls(**kwargs)
         mc.validate()

@@ -30,8 +30,8 @@ import ml_collections
 import optax
 
 from sparse_gpt import flops as flops_lib
-from sparse_gpt import masks as masks_lib
-from sparse_gpt import model as model_lib
+from sparse_gpt.sparsity import masks as masks_lib
+from sparse_gpt.model import gpt as model_lib
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -94,7 +94,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 def build(config: ml_collections.ConfigDict):
     """Builds (model, optimizer, sparsity method) from a run config."""
-    from sparse_gpt import methods  # the methods import train-time helpers lazily
+    from sparse_gpt.sparsity import methods# the methods import train-time helpers lazily
     model = model_lib.GPT(model_lib.ModelConfig.from_config(config))
     return model, make_optimizer(config.train), methods.build(config)
 

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 import kernels
 from kernels.attention_meta import div, rem
 from kernels.block_meta import check_block_size
-from sparse_gpt import layers
+from sparse_gpt.model import layers
 
 PATTERNS = ("local", "strided", "local_strided", "fixed")
 IMPLS = ("block_sparse", "masked")

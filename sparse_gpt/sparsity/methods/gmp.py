@@ -6,9 +6,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from sparse_gpt import prune as prune_lib
-from sparse_gpt import schedules
-from sparse_gpt.methods.base import SparsityMethod
+from sparse_gpt.sparsity import prune as prune_lib
+from sparse_gpt.sparsity import schedules
+from sparse_gpt.sparsity.methods.base import SparsityMethod
 
 
 @dataclasses.dataclass(frozen=True)

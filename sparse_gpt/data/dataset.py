@@ -41,10 +41,10 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sparse_gpt import sft
-from sparse_gpt.tokenizers import get_tokenizer
+from sparse_gpt.data import sft
+from sparse_gpt.data.tokenizers import get_tokenizer
 
-BUNDLED_CORPUS = os.path.join(os.path.dirname(__file__), "corpus", "shakespeare.jsonl.gz")
+BUNDLED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "corpus", "shakespeare.jsonl.gz")
 DATA_DIR_ENV = "SPARSE_GPT_DATA_DIR"
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "sparse_gpt", "tfds")
 
@@ -249,7 +249,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 shape=(cfg.seq_len + 1,), dtype=np.float32, encoding=tfds.features.Encoding.BYTES)
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Packed token sequences of local text documents (sparse_gpt.data).",
+            description="Packed token sequences of local text documents (sparse_gpt.data.dataset).",
             features=tfds.features.FeaturesDict(features),
             # Record i is sequence i: tests and reproducibility rely on the stored order.
             disable_shuffling=True,

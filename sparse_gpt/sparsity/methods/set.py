@@ -19,11 +19,11 @@ import functools
 
 import jax.numpy as jnp
 
-from sparse_gpt import masks as masks_lib
-from sparse_gpt import prune as prune_lib
-from sparse_gpt import regrow as regrow_lib
-from sparse_gpt import schedules
-from sparse_gpt.methods.base import SparsityMethod
+from sparse_gpt.sparsity import masks as masks_lib
+from sparse_gpt.sparsity import prune as prune_lib
+from sparse_gpt.sparsity import regrow as regrow_lib
+from sparse_gpt.sparsity import schedules
+from sparse_gpt.sparsity.methods.base import SparsityMethod
 
 # Kernels holding several matrices side by side in their output columns, as (sparse_layers
 # pattern, parts): model.py splits qkv's [D, 3D] columns as [3, heads, head_dim].

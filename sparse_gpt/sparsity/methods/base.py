@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparse_gpt import masks as masks_lib
-from sparse_gpt import prune as prune_lib
-from sparse_gpt import regrow as regrow_lib
-from sparse_gpt.masks import Structure
+from sparse_gpt.sparsity import masks as masks_lib
+from sparse_gpt.sparsity import prune as prune_lib
+from sparse_gpt.sparsity import regrow as regrow_lib
+from sparse_gpt.sparsity.masks import Structure
 
 Tree = Any
 

@@ -37,11 +37,11 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from sparse_gpt import masks as masks_lib
-from sparse_gpt import prune as prune_lib
-from sparse_gpt import regrow as regrow_lib
-from sparse_gpt import schedules
-from sparse_gpt.methods.set import SET
+from sparse_gpt.sparsity import masks as masks_lib
+from sparse_gpt.sparsity import prune as prune_lib
+from sparse_gpt.sparsity import regrow as regrow_lib
+from sparse_gpt.sparsity import schedules
+from sparse_gpt.sparsity.methods.set import SET
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparse_gpt import masks as masks_lib
-from sparse_gpt.methods.base import SparsityMethod
+from sparse_gpt.sparsity import masks as masks_lib
+from sparse_gpt.sparsity.methods.base import SparsityMethod
 
 
 @dataclasses.dataclass(frozen=True)

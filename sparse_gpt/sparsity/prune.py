@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparse_gpt import masks as masks_lib
-from sparse_gpt.masks import UNSTRUCTURED, Structure
+from sparse_gpt.sparsity import masks as masks_lib
+from sparse_gpt.sparsity.masks import UNSTRUCTURED, Structure
 
 Tree = Any
 

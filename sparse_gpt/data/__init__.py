@@ -1,0 +1,2 @@
+"""Data: the TFDS text-corpus builder, tokenizers, SFT examples, grain iterators.
+"""

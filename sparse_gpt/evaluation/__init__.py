@@ -1,0 +1,2 @@
+"""Evaluation: sampling and zero-shot multiple-choice scoring.
+"""

@@ -1,0 +1,2 @@
+"""Parallelism: the device mesh, logical-axis sharding rules and the pipeline.
+"""

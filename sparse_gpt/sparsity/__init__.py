@@ -1,0 +1,2 @@
+"""Sparsity: mask trees, pure prune / regrow functions, schedules, SAT and the methods.
+"""

@@ -1,0 +1,2 @@
+"""Training: state, optimizer, the train and eval steps, the loop, checkpoints, metrics.
+"""
