@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparse_gpt import cli
+from sparse_gpt import cli, plan
 from sparse_gpt.training import checkpoint
 from sparse_gpt.parallel import sharding
 from sparse_gpt.training import step as train_lib
@@ -191,6 +191,6 @@ def test_rules_parse_and_reject_unknown_axes():
 def test_a_mesh_that_does_not_divide_the_model_fails_with_the_fix(overrides, message):
     config = small_config(**overrides)
     with pytest.raises(ValueError, match=message):
-        trainer.validate_config(config)
+        plan.validate(config)
         model, tx, method = train_lib.build(config)
         trainer.make_steps(config, model, tx, method)

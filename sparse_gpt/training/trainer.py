@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sparse_gpt.model import attention as attention_lib
 from sparse_gpt.training import checkpoint as ckpt_lib
+from sparse_gpt import plan
 from sparse_gpt.data import dataset as data_lib
 from sparse_gpt.parallel import pipeline
 from sparse_gpt.evaluation import sampling
@@ -31,24 +32,6 @@ from sparse_gpt.training.metrics import MetricsWriter
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/inf; the run stopped at the last good checkpoint."""
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks cross-section constraints the sections cannot check alone."""
-    if config.data.seq_len > config.model.max_len and not config.model.use_rope:
-        raise ValueError(
-            f"data.seq_len={config.data.seq_len} exceeds the model context "
-            f"model.max_len={config.model.max_len}; lower --config.data.seq_len or raise "
-            "--config.model.max_len.")
-    t = config.train
-    for key in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
-        if t[key] <= 0:
-            raise ValueError(f"train.{key}={t[key]} must be positive.")
-    sizes = sharding.mesh_shape(config.mesh, jax.device_count())
-    sharding.parse_rules(config.mesh.rules)
-    if sizes["stage"] > 1:
-        pipeline.PipelineConfig.from_config(config.mesh, sizes["stage"]).validate(
-            config.model.n_layers, t.batch_size)
 
 
 class Steps(NamedTuple):
@@ -115,7 +98,7 @@ def evaluate(eval_step, state: train_lib.TrainState, batches: list[dict],
 
 def setup(config: ml_collections.ConfigDict):
     """Builds data, model, optimizer, method and the jitted steps of a run."""
-    validate_config(config)
+    plan.validate(config)
     data = data_lib.make_data(config.data, config.train.batch_size, config.data.seed)
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
