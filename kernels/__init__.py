@@ -11,12 +11,17 @@ Public API::
     out = kernels.block_sparse_attention(q, k, v, mask_fn, block_size=64)  # [B, L, H, K]
     out_ref = kernels.reference_attention(q, k, v, kernels.element_mask(mask_fn, L))
 
-See ``kernels/block_meta.py`` for the budget and overflow rules and ``kernels/ops.py`` for
-the backends; ``kernels/attention_*.py`` for block-sparse attention (static patterns given
-as a hashable ``mask_fn(q_pos, k_pos)``; XLA and Pallas GPU backends).
+Layout (JAX megablox style: a jnp reference, a ``custom_vjp`` public op, backends per file):
+
+    bsmm/        block-sparse matmul: meta.py (budget and overflow rules), reference.py,
+                 ops.py (public op, backend dispatch), xla.py, pallas_gpu.py, pallas_tpu.py
+    attention/   block-sparse attention (static patterns given as a hashable
+                 ``mask_fn(q_pos, k_pos)``): meta.py, reference.py, ops.py, xla.py, pallas_gpu.py
+    common.py    what both share: backend resolution, block-size checks, block pooling,
+                 Pallas helpers
 """
 
-from kernels.block_meta import (
+from kernels.bsmm.meta import (
     BlockBudget,
     BlockMeta,
     FrozenBlockMeta,
@@ -26,15 +31,15 @@ from kernels.block_meta import (
     make_block_meta,
     pool_block_mask,
 )
-from kernels.attention_meta import AttentionMeta, attention_meta, element_mask
-from kernels.attention_ops import (
+from kernels.attention.meta import AttentionMeta, attention_meta, element_mask
+from kernels.attention.ops import (
     ATTENTION_BACKENDS,
     block_sparse_attention,
     resolve_attention_backend,
 )
-from kernels.attention_reference import reference_attention
-from kernels.ops import BACKENDS, available_backends, block_sparse_matmul, resolve_backend
-from kernels.reference import reference_matmul
+from kernels.attention.reference import reference_attention
+from kernels.bsmm.ops import BACKENDS, available_backends, block_sparse_matmul, resolve_backend
+from kernels.bsmm.reference import reference_matmul
 
 __all__ = [
     "ATTENTION_BACKENDS",

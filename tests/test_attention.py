@@ -61,7 +61,7 @@ def test_block_masks_at_a_block_size():
 
 
 def test_row_groups_cover_every_row_with_enough_width():
-    from kernels.attention_meta import row_groups
+    from kernels.attention.meta import row_groups
 
     count = np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 0])
     groups = row_groups(count, max_groups=4)                 # step ceil(10 / 4) = 3

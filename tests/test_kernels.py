@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.block_meta import BlockBudget
+from kernels import BlockBudget
 
 BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True), ("pallas_tpu", True)]
 

@@ -35,8 +35,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import kernels
-from kernels.attention_meta import div, rem
-from kernels.block_meta import check_block_size
+from kernels.attention.meta import div, rem
+from kernels.common import check_block_size
 from sparse_gpt.model import layers
 
 PATTERNS = ("local", "strided", "local_strided", "fixed")

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.common import expand_blocks, pool_blocks
+
 Tree = Any
 STRUCTURES = ("unstructured", "block", "nm")
 BALANCES = ("none", "column")
@@ -220,16 +222,12 @@ def pool(x_KxN: jax.Array, block: tuple[int, int], reduce: str = "mean") -> jax.
     ``reduce`` is ``mean`` (scores: blocks compete by average magnitude), ``sum``, ``max``,
     ``all`` or ``any`` (masks).
     """
-    bk, bn = block
-    *lead, k, n = x_KxN.shape
-    x = x_KxN.reshape(*lead, k // bk, bk, n // bn, bn)
-    fn = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max, "all": jnp.all, "any": jnp.any}
-    return fn[reduce](x, axis=(-3, -1))
+    return pool_blocks(jnp.asarray(x_KxN), block, reduce)  # the kernels' pooling, one copy
 
 
 def expand(mask_KbxNb: jax.Array, block: tuple[int, int]) -> jax.Array:
     """Expands a block mask ``[..., Kb, Nb]`` to elements ``[..., Kb*bk, Nb*bn]``."""
-    return jnp.repeat(jnp.repeat(mask_KbxNb, block[0], axis=-2), block[1], axis=-1)
+    return expand_blocks(mask_KbxNb, block)
 
 
 def is_block_structured(mask_KxN: jax.Array, block: tuple[int, int]) -> jax.Array:

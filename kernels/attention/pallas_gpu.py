@@ -1,7 +1,7 @@
 """Pallas block-sparse attention for GPU (Triton lowering), FlashAttention-2 style.
 
 Layout ``[N, L, D]`` (N = batch x heads); one program per (n, block). As in
-kernels/pallas_gpu.py the Triton lowering has no scalar prefetch (jax issue 18603), so the
+kernels/bsmm/pallas_gpu.py the Triton lowering has no scalar prefetch (jax issue 18603), so the
 block lists travel as int32 input refs, each program holds the whole ``[L, D]`` panel of the
 operand it walks and slices the blocks it needs with ``pl.ds(pl.multiple_of(j * B, B), B)``,
 and the loop trip count is the row's (column's) real entry count, so skipped blocks cost
@@ -32,8 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.attention_meta import AttentionMeta
-from kernels.pallas_gpu import _flat_pow2
+from kernels.attention.meta import AttentionMeta
+from kernels.common import flat_pow2
 
 _F32 = jnp.float32
 _NEG = -1e30
@@ -144,8 +144,7 @@ def forward(q_NxLxD, k_NxLxD, v_NxLxD, meta: AttentionMeta, mask_fn, scale, *,
     """``(out [N, L, D], lse [N, L] fp32)`` (backend interface)."""
     n, seq_len, d = q_NxLxD.shape
     b, lb = meta.block_size, seq_len // meta.block_size
-    kidx, count = _flat_pow2(jnp.asarray(meta.row_kidx_LbxT)), _flat_pow2(
-        jnp.asarray(meta.row_count_Lb))
+    kidx, count = flat_pow2(meta.row_kidx_LbxT), flat_pow2(meta.row_count_Lb)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, b=b, t=meta.row_kidx_LbxT.shape[1], scale=scale,
                           mask_fn=mask_fn),
@@ -169,8 +168,7 @@ def backward(q_NxLxD, k_NxLxD, v_NxLxD, lse_NxL, do_NxLxD, delta_NxL, meta: Atte
     do = do_NxLxD.astype(q_NxLxD.dtype)
     vec_row = pl.BlockSpec((None, b), lambda n_, i: (n_, i))
     vec_panel = pl.BlockSpec((None, seq_len), lambda n_, i: (n_, 0))
-    kidx, kcount = _flat_pow2(jnp.asarray(meta.row_kidx_LbxT)), _flat_pow2(
-        jnp.asarray(meta.row_count_Lb))
+    kidx, kcount = flat_pow2(meta.row_kidx_LbxT), flat_pow2(meta.row_count_Lb)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, b=b, t=meta.row_kidx_LbxT.shape[1], scale=scale,
                           mask_fn=mask_fn),
@@ -183,8 +181,7 @@ def backward(q_NxLxD, k_NxLxD, v_NxLxD, lse_NxL, do_NxLxD, delta_NxL, meta: Atte
         interpret=interpret,
         name="bsattn_dq",
     )(kidx, kcount, q_NxLxD, k_NxLxD, v_NxLxD, do, lse_NxL, delta_NxL)
-    qidx, qcount = _flat_pow2(jnp.asarray(meta.col_qidx_LbxS)), _flat_pow2(
-        jnp.asarray(meta.col_count_Lb))
+    qidx, qcount = flat_pow2(meta.col_qidx_LbxS), flat_pow2(meta.col_count_Lb)
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, b=b, s_max=meta.col_qidx_LbxS.shape[1], scale=scale,
                           mask_fn=mask_fn),

@@ -23,8 +23,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kernels import pallas_gpu, pallas_tpu, reference, xla
-from kernels.block_meta import BlockMeta, FrozenBlockMeta, check_block_size, check_divisible
+from kernels.bsmm import pallas_gpu, pallas_tpu, reference, xla
+from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta, check_divisible
+from kernels.common import check_block_size
 
 BACKENDS = ("pallas_gpu", "pallas_tpu", "xla", "reference")
 _MODULES = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu, "xla": xla, "reference": reference}

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MIN_BLOCK, MAX_BLOCK = 16, 256
+from kernels.common import check_block_size, expand_blocks, pool_blocks
 
 
 class BlockBudget(NamedTuple):
@@ -56,20 +56,6 @@ class BlockBudget(NamedTuple):
 
     max_per_col: int
     max_per_row: int
-
-
-def check_block_size(block_size: int) -> None:
-    """Raises ValueError unless ``block_size`` is a power of two in [16, 256]."""
-    if (
-        not isinstance(block_size, (int, np.integer))
-        or block_size < MIN_BLOCK
-        or block_size > MAX_BLOCK
-        or block_size & (block_size - 1)
-    ):
-        raise ValueError(
-            f"block_size={block_size!r} is not supported: use a power of two from {MIN_BLOCK} "
-            f"to {MAX_BLOCK} (16, 32, 64, 128 or 256)."
-        )
 
 
 def check_divisible(shape_KxN: tuple[int, int], block_size: int, what: str = "weight") -> None:
@@ -209,15 +195,13 @@ def _is_concrete(a) -> bool:
 
 def pool_block_mask(mask_KxN: jax.Array, block_size: int) -> jax.Array:
     """``[K, N]`` element mask -> ``[Kb, Nb]`` bool block mask (a block is on if any element is)."""
-    K, N = mask_KxN.shape
-    check_divisible((K, N), block_size, what="mask")
-    b = block_size
-    return jnp.any(mask_KxN.reshape(K // b, b, N // b, b) != 0, axis=(1, 3))
+    check_divisible(mask_KxN.shape, block_size, what="mask")
+    return pool_blocks(jnp.asarray(mask_KxN), (block_size, block_size), "any")
 
 
 def expand_block_mask(mask_KbxNb: jax.Array, block_size: int) -> jax.Array:
     """``[Kb, Nb]`` block mask -> ``[K, N]`` element mask of the same dtype."""
-    return jnp.repeat(jnp.repeat(mask_KbxNb, block_size, axis=0), block_size, axis=1)
+    return expand_blocks(mask_KbxNb, (block_size, block_size))
 
 
 def column_topk_block_mask(scores_KbxNb: jax.Array, per_col: int) -> jax.Array:
@@ -320,7 +304,7 @@ def make_block_meta(
         # Checked in numpy: inside a jit trace even jnp ops on constants return tracers.
         m_np = np.asarray(mask) != 0
         if not block_mask:
-            m_np = m_np.reshape(kb, block_size, nb, block_size).any(axis=(1, 3))
+            m_np = pool_blocks(m_np, (block_size, block_size), "any")
         if frozen:
             return FrozenBlockMeta(tuple(map(tuple, m_np.tolist())), block_size, shape)
         cols, rows = m_np.sum(0), m_np.sum(1)

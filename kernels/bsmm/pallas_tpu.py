@@ -30,8 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.block_meta import BlockMeta
-from kernels.pallas_gpu import scatter_blocks
+from kernels.bsmm.meta import BlockMeta
+from kernels.common import pad_rows, scatter_blocks
 
 _F32 = jnp.float32
 
@@ -39,11 +39,6 @@ _F32 = jnp.float32
 def _tile_m(m: int, block_m: int | None) -> int:
     bm = block_m or 256
     return min(bm, -(-m // 16) * 16)
-
-
-def _pad_rows(a, bm):
-    extra = -a.shape[0] % bm
-    return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
 
 
 def _check(b: int, interpret) -> None:
@@ -119,7 +114,7 @@ def matmul(x_MxK, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m
     n = w_KxN.shape[1]
     t = meta.col_kidx_NbxT.shape[1]
     bm = _tile_m(m, block_m)
-    x_p = _pad_rows(x_MxK, bm)
+    x_p = pad_rows(x_MxK, bm)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(x_p.shape[0] // bm, n // b, t),
@@ -149,7 +144,7 @@ def matmul_t(dy_MxN, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, bloc
     k = w_KxN.shape[0]
     r = meta.row_nidx_KbxR.shape[1]
     bm = _tile_m(m, block_m)
-    dy_p = _pad_rows(dy_MxN, bm)
+    dy_p = pad_rows(dy_MxN, bm)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(dy_p.shape[0] // bm, k // b, r),
@@ -179,7 +174,7 @@ def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m
     n = dy_MxN.shape[1]
     t = meta.col_kidx_NbxT.shape[1]
     bm = _tile_m(m, block_m)
-    x_p, dy_p = _pad_rows(x_MxK, bm), _pad_rows(dy_MxN, bm)
+    x_p, dy_p = pad_rows(x_MxK, bm), pad_rows(dy_MxN, bm)
     n_m = x_p.shape[0] // bm
 
     # Padding entries pin the M index to 0 as well, so after one copy they stop moving data.

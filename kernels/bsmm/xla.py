@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels import reference
-from kernels.block_meta import BlockMeta, FrozenBlockMeta
+from kernels.bsmm import reference
+from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta
 
 _F32 = jnp.float32
 

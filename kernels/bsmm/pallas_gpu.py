@@ -30,29 +30,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_meta import BlockMeta
+from kernels.bsmm.meta import BlockMeta
+from kernels.common import flat_pow2, next_pow2, pad_rows, scatter_blocks
 
 _F32 = jnp.float32
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _flat_pow2(a: jax.Array) -> jax.Array:
-    """Flattens an index array and zero-pads it to a power-of-two length for Triton."""
-    flat = a.reshape(-1).astype(jnp.int32)
-    return jnp.pad(flat, (0, _next_pow2(flat.shape[0]) - flat.shape[0]))
-
-
 def _tile_m(m: int, block_m: int | None) -> int:
     bm = block_m or 64
-    return max(16, min(bm, _next_pow2(m)))
-
-
-def _pad_rows(a: jax.Array, bm: int) -> jax.Array:
-    extra = -a.shape[0] % bm
-    return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
+    return max(16, min(bm, next_pow2(m)))
 
 
 def _params(b: int) -> plgpu.CompilerParams:
@@ -113,8 +99,8 @@ def matmul(x_MxK, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m
     n = w_KxN.shape[1]
     t = meta.col_kidx_NbxT.shape[1]
     bm = _tile_m(m, block_m)
-    x_p = _pad_rows(x_MxK, bm)
-    kidx, count = _flat_pow2(meta.col_kidx_NbxT), _flat_pow2(meta.col_count_Nb)
+    x_p = pad_rows(x_MxK, bm)
+    kidx, count = flat_pow2(meta.col_kidx_NbxT), flat_pow2(meta.col_count_Nb)
     y = pl.pallas_call(
         functools.partial(_fwd_kernel, b=b, t=t),
         grid=(x_p.shape[0] // bm, n // b),
@@ -140,8 +126,8 @@ def matmul_t(dy_MxN, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, bloc
     k = w_KxN.shape[0]
     r = meta.row_nidx_KbxR.shape[1]
     bm = _tile_m(m, block_m)
-    dy_p = _pad_rows(dy_MxN, bm)
-    nidx, count = _flat_pow2(meta.row_nidx_KbxR), _flat_pow2(meta.row_count_Kb)
+    dy_p = pad_rows(dy_MxN, bm)
+    nidx, count = flat_pow2(meta.row_nidx_KbxR), flat_pow2(meta.row_count_Kb)
     dx = pl.pallas_call(
         functools.partial(_dx_kernel, b=b, r=r),
         grid=(dy_p.shape[0] // bm, k // b),
@@ -160,22 +146,6 @@ def matmul_t(dy_MxN, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, bloc
     return dx[:m]
 
 
-def scatter_blocks(blocks_NbTxBxB, meta: BlockMeta, out_dtype) -> jax.Array:
-    """Compact column-view blocks -> dense ``[K, N]`` (padding dropped, zeros elsewhere)."""
-    b = meta.block_size
-    k, n = meta.shape
-    kb, nb = k // b, n // b
-    t = meta.col_kidx_NbxT.shape[1]
-    real = jnp.arange(t)[None, :] < meta.col_count_Nb[:, None]
-    kidx = jnp.where(real, meta.col_kidx_NbxT, kb)  # out of range -> dropped
-    dw4 = (
-        jnp.zeros((kb, nb, b, b), out_dtype)
-        .at[kidx, jnp.arange(nb)[:, None]]
-        .set(blocks_NbTxBxB.reshape(nb, t, b, b).astype(out_dtype), mode="drop")
-    )
-    return dw4.transpose(0, 2, 1, 3).reshape(k, n)
-
-
 def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
     """Sampled dW on the real blocks only, returned in the dense layout (interface)."""
     b = meta.block_size
@@ -183,9 +153,9 @@ def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m
     n = dy_MxN.shape[1]
     t = meta.col_kidx_NbxT.shape[1]
     bm = _tile_m(m, block_m)
-    x_p, dy_p = _pad_rows(x_MxK, bm), _pad_rows(dy_MxN, bm)  # zero rows add nothing
+    x_p, dy_p = pad_rows(x_MxK, bm), pad_rows(dy_MxN, bm)  # zero rows add nothing
     mp = x_p.shape[0]
-    kidx, count = _flat_pow2(meta.col_kidx_NbxT), _flat_pow2(meta.col_count_Nb)
+    kidx, count = flat_pow2(meta.col_kidx_NbxT), flat_pow2(meta.col_count_Nb)
     blocks = pl.pallas_call(
         functools.partial(_dw_kernel, b=b, t=t, bm=bm, n_m=mp // bm),
         grid=(n // b, t),

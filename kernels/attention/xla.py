@@ -14,7 +14,7 @@ Rows are bucketed by their block count (``attention_meta.row_groups``: at most 8
 widths ``w``), because causal strided patterns have counts growing from 1 to T and one
 budget for all rows would compute about twice the blocks. The backward recomputes ``p`` from
 the saved log-sum-exp (FlashAttention-2 style) in two passes, so dK/dV need no scatter-add:
-on CPU scatters were the slow part of the gather-based matmul (see kernels/xla.py). The
+on CPU scatters were the slow part of the gather-based matmul (see kernels/bsmm/xla.py). The
 in-block element masks (padding False) are numpy constants built at trace time.
 """
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.attention_meta import AttentionMeta, in_block_mask, row_groups
+from kernels.attention.meta import AttentionMeta, in_block_mask, row_groups
 
 _F32 = jnp.float32
 _NEG = -1e30  # finite "minus infinity": masked scores never produce inf - inf = nan

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.block_meta import BlockMeta, FrozenBlockMeta, expand_block_mask
+from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta, expand_block_mask
 
 
 def _dense_mask(meta: BlockMeta | FrozenBlockMeta, dtype) -> jax.Array:

@@ -32,7 +32,7 @@ import functools
 import numpy as np
 from jax import lax
 
-from kernels.block_meta import check_block_size
+from kernels.common import check_block_size, pool_blocks
 
 
 def rem(a, b):
@@ -123,7 +123,7 @@ def attention_meta(mask_fn, seq_len: int, block_size: int) -> AttentionMeta:
     """
     check_seq_len(seq_len, block_size)
     lb, b = seq_len // block_size, block_size
-    blocks = element_mask(mask_fn, seq_len).reshape(lb, b, lb, b).any(axis=(1, 3))
+    blocks = pool_blocks(element_mask(mask_fn, seq_len), (b, b), "any")
     row_kidx, row_count = _padded_lists(blocks)
     col_qidx, col_count = _padded_lists(blocks.T)
     for a in (blocks, row_kidx, row_count, col_qidx, col_count):

@@ -23,12 +23,11 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kernels import attention_pallas_gpu, attention_reference, attention_xla
-from kernels.attention_meta import attention_meta
+from kernels.attention import pallas_gpu, reference, xla
+from kernels.attention.meta import attention_meta
 
 ATTENTION_BACKENDS = ("pallas_gpu", "xla", "reference")
-_MODULES = {"pallas_gpu": attention_pallas_gpu, "xla": attention_xla,
-            "reference": attention_reference}
+_MODULES = {"pallas_gpu": pallas_gpu, "xla": xla, "reference": reference}
 
 
 def resolve_attention_backend(backend: str = "auto", platform: str | None = None) -> str:
@@ -94,7 +93,7 @@ def block_sparse_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK
         layout); ``k`` and ``v`` the same shape (dtypes are promoted to a common one).
       k_BxLxHxK: keys.
       v_BxLxHxK: values.
-      mask_fn: hashable pattern ``(q_pos, k_pos) -> bool`` (kernels/attention_meta.py); it
+      mask_fn: hashable pattern ``(q_pos, k_pos) -> bool`` (kernels/attention/meta.py); it
         must include causality if wanted.
       block_size: square block edge B, a power of two in [16, 256] dividing L.
       scale: score scale, default ``head_dim ** -0.5``.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention_meta import AttentionMeta, element_mask
+from kernels.attention.meta import AttentionMeta, element_mask
 
 _F32 = jnp.float32
 

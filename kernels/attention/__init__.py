@@ -1,0 +1,1 @@
+"""Block-sparse attention (see kernels/__init__.py)."""

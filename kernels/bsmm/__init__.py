@@ -1,0 +1,1 @@
+"""Block-sparse matmul (see kernels/__init__.py)."""
