@@ -1,4 +1,4 @@
-"""Tests of sparse_gpt.data.tokenizers and sparse_gpt.data.dataset against hand-computed token streams.
+"""Tests of sparse_gpt.data (tokenizers, sources, builder, dataset) against hand-computed streams.
 
 Every dataset is built into a tmp_path cache from a tiny corpus written here (one test builds
 the bundled Shakespeare corpus), so nothing touches ~/.cache and runs stay independent.
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from sparse_gpt import config as config_lib
+from sparse_gpt.data import builder as builder_lib
 from sparse_gpt.data import dataset as data_lib
+from sparse_gpt.data import sources
 from sparse_gpt.data import tokenizers
 
 EOT = 256  # ByteTokenizer's end-of-text id
@@ -293,16 +295,16 @@ def test_cache_is_keyed_on_sources_and_settings(tmp_path):
 
 def test_data_dir_resolution(monkeypatch, tmp_path):
     c = make_cfg(tmp_path, data_dir="")
-    monkeypatch.setenv(data_lib.DATA_DIR_ENV, str(tmp_path / "env"))
-    assert data_lib.resolve_data_dir(c) == str(tmp_path / "env")
-    monkeypatch.delenv(data_lib.DATA_DIR_ENV)
-    assert data_lib.resolve_data_dir(c).endswith(os.path.join(".cache", "sparse_gpt", "tfds"))
+    monkeypatch.setenv(builder_lib.DATA_DIR_ENV, str(tmp_path / "env"))
+    assert builder_lib.resolve_data_dir(c) == str(tmp_path / "env")
+    monkeypatch.delenv(builder_lib.DATA_DIR_ENV)
+    assert builder_lib.resolve_data_dir(c).endswith(os.path.join(".cache", "sparse_gpt", "tfds"))
     c.data_dir = str(tmp_path / "explicit")
-    assert data_lib.resolve_data_dir(c) == str(tmp_path / "explicit")
+    assert builder_lib.resolve_data_dir(c) == str(tmp_path / "explicit")
 
 
 def test_bundled_shakespeare(tmp_path):
-    with gzip.open(data_lib.BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(sources.BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
         works = [json.loads(line) for line in f]
     d = data_lib.make_data(make_cfg(tmp_path, path="", seq_len=256), batch_size=2, seed=0)
     assert len(works) == 42

@@ -1,4 +1,4 @@
-"""Text data without TensorFlow: TFDS (array_record) for tokenise-and-pack, grain for batches.
+"""Batches for training and evaluation: grain iterators over a built dataset.
 
 One call gives everything training and evaluation need::
 
@@ -9,319 +9,70 @@ One call gives everything training and evaluation need::
     evals = data.val_batches(8)           # the same list on every call
     bpb = loss_nats / math.log(2) / data.bytes_per_token
 
-Sources (``config.data.path``): "" is the bundled Shakespeare corpus
-(``sparse_gpt/corpus/shakespeare.jsonl.gz``, 42 works); otherwise a file or a folder (searched
-recursively) of ``.txt`` (one document per file) and ``.jsonl`` (one ``{"text": ...}`` document
-per line) files, optionally gzipped. ``config.data.format = "sft"`` reads ``{"prompt": ...,
-"response": ...}`` JSONL instead: one padded example per row, loss weights 0 on the prompt
-(``sft.py``); shuffling, batching and resuming are the same.
+The data come from ``builder.py`` (the TFDS builder; it reads ``sources.py``/``sft.py``):
+``config.data.path`` and the rest of ``config.data`` are documented there.
 
-The ``TextCorpus`` TFDS builder splits documents into train/validation by a hash of each
-document's id (``relative/path:line``), so adding files never moves existing documents. Each
-split's documents, in order, are tokenised and joined with the eot token into one stream, cut
-into ``seq_len + 1``-token rows (the tail shorter than a row is dropped) and stored in
-array_record files; ``inputs``/``targets`` are a row without its last/first token. The builder
-config name hashes the tokenizer, seq_len, val_fraction and the source files' paths, sizes and
-mtimes, so any change builds a new dataset instead of reusing a stale one. Cache folder:
-``config.data.data_dir``, else ``$SPARSE_GPT_DATA_DIR``, else ``~/.cache/sparse_gpt/tfds``.
+**Several processes** (``jax.process_count() = P > 1``): process ``p`` reads only rows
+``[p * B/P, (p + 1) * B/P)`` of every global batch of ``B`` rows (all ``B`` when P does not
+divide B); in process order the blocks are exactly the single-process batch, so the batches
+and losses of a run do not depend on how many processes read them.
+``sharding.put_batch`` places each block on its process's devices. The saved iterator state is
+the position in the global stream, the same on every process, so a checkpoint written by P
+processes resumes under any other number.
+
+**Resume safety**: a saved state names the dataset (``Data.name``, a hash of the corpus
+*content* and of tokenizer, seq_len, val_fraction and format), the seed, batch size and
+worker count; restoring it into another data stream fails with the reason (which files
+changed, which setting) and the fix. Touching, copying or moving the corpus changes nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
 from absl import flags
-from absl import logging as absl_logging
 import grain
+import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-from sparse_gpt.data import sft
+from sparse_gpt.data import builder as builder_lib
+from sparse_gpt.data import fingerprint
 from sparse_gpt.data.tokenizers import get_tokenizer
 
-BUNDLED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "corpus", "shakespeare.jsonl.gz")
-DATA_DIR_ENV = "SPARSE_GPT_DATA_DIR"
-DEFAULT_DATA_DIR = os.path.join("~", ".cache", "sparse_gpt", "tfds")
+# Above this many files the data state keeps only the corpus digest, not a digest per file.
+_MAX_FILES_IN_STATE = 1000
 
 
-def resolve_data_dir(data_config) -> str:
-    """Returns the TFDS cache folder: data_dir, else $SPARSE_GPT_DATA_DIR, else ~/.cache/..."""
-    d = getattr(data_config, "data_dir", "") or os.environ.get(DATA_DIR_ENV, "")
-    return os.path.abspath(os.path.expanduser(d or DEFAULT_DATA_DIR))
-
-
-SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
-_PATH_FIX = ("Set --config.data.path to a .txt/.jsonl(.gz) file or a folder of them, or to \"\" "
-             "for the bundled Shakespeare corpus.")
-
-
-def list_source_files(path: str) -> tuple[str, list[str]]:
-    """Returns ``(root, sorted paths relative to root)`` of the supported files at ``path``.
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of each global batch that process ``process_index`` of ``process_count`` reads.
 
     Raises:
-      ValueError: the path is missing, or holds no supported file.
+      ValueError: a process index outside ``[0, process_count)``.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        raise ValueError(f"Data path {path} does not exist. {_PATH_FIX}")
-    if os.path.isfile(path):
-        if not path.endswith(SUFFIXES):
-            raise ValueError(f"Data file {path} is not one of {', '.join(SUFFIXES)}. {_PATH_FIX}")
-        return os.path.dirname(path), [os.path.basename(path)]
-    files = []
-    for folder, subdirs, names in os.walk(path):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]  # skip .git and friends
-        files += [os.path.relpath(os.path.join(folder, n), path) for n in names
-                  if n.endswith(SUFFIXES) and not n.startswith(".")]
-    if not files:
-        raise ValueError(f"No {', '.join(SUFFIXES)} files under {path}. {_PATH_FIX}")
-    return path, sorted(files)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    if batch_size % process_count:
+        return slice(0, batch_size)  # every process reads the whole batch
+    n = batch_size // process_count
+    return slice(process_index * n, (process_index + 1) * n)
 
 
-def json_lines(f, where: str, hint: str):
-    """Yields ``(line_number, object)`` for the non-blank lines of a JSONL file.
+def _rows_of_batches(examples: grain.MapDataset, batch_size: int,
+                     rows: slice) -> grain.MapDataset:
+    """Element ``j``: rows ``rows`` of global batch ``j`` of ``examples``, reading only those.
 
-    Raises:
-      ValueError: a line is not JSON; the message names ``where:line`` and ends with ``hint``.
+    Batches of ``n = len(rows)`` elements, every ``B/n``-th from the block's index: only this
+    process's records are read, and the element index is the global batch index.
     """
-    for n, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}:{n} is not JSON ({e}). {hint}") from e
-
-
-def read_documents(root: str, files: list[str]) -> list[tuple[str, str]]:
-    """Returns ``(doc_id, text)`` of every non-empty document, in file and line order.
-
-    Raises:
-      ValueError: a file is unreadable, not UTF-8 or bad JSONL, or every document is empty.
-    """
-    docs = []
-    for rel in files:
-        full = os.path.join(root, rel)
-        opener = gzip.open if rel.endswith(".gz") else open
-        try:
-            with opener(full, "rt", encoding="utf-8") as f:
-                if rel.endswith((".txt", ".txt.gz")):
-                    docs.append((rel, f.read()))
-                    continue
-                for n, obj in json_lines(f, full, "A .jsonl file needs one "
-                                         "{\"text\": ...} object per line."):
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise ValueError(f"{full}:{n} has no string field \"text\". A .jsonl "
-                                         f"file needs one {{\"text\": ...}} object per line.")
-                    docs.append((f"{rel}:{n}", obj["text"]))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{full} is not UTF-8 text ({e}). Re-encode it as UTF-8 or move "
-                             f"it out of {root}.") from e
-        except (OSError, EOFError) as e:  # includes gzip.BadGzipFile and truncated archives
-            raise ValueError(f"Cannot read {full} ({e}). Fix or remove the file.") from e
-    docs = [(i, t) for i, t in docs if t.strip()]
-    if not docs:
-        raise ValueError(f"Every document in {', '.join(files[:5])} under {root} is empty. "
-                         f"Add text to them. {_PATH_FIX}")
-    return docs
-
-
-def _unit_hash(doc_id: str) -> float:
-    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2.0**64
-
-
-def split_documents(docs: list[tuple[str, str]], val_fraction: float):
-    """Splits documents into ``(train, val)`` by a hash of their ids, each non-empty.
-
-    A document goes to validation when the hash of its id, mapped to [0, 1), is below
-    ``val_fraction``; if that leaves a side empty the document nearest the threshold moves.
-    A lone document (one .txt file) is cut instead: its last ``val_fraction`` of characters,
-    from a line start, becomes the validation document.
-    """
-    if len(docs) == 1:
-        doc_id, text = docs[0]
-        cut = int(len(text) * (1.0 - val_fraction))
-        nl = text.find("\n", cut)
-        cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
-        cut = min(max(cut, 1), len(text) - 1)
-        return [(doc_id + "#train", text[:cut])], [(doc_id + "#val", text[cut:])]
-    u = [_unit_hash(doc_id) for doc_id, _ in docs]
-    is_val = [x < val_fraction for x in u]
-    if not any(is_val):
-        is_val[int(np.argmin(u))] = True
-    if all(is_val):
-        is_val[int(np.argmax(u))] = False
-    return ([d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v])
-
-
-def pack(docs: list[tuple[str, str]], tokenizer, seq_len: int):
-    """Tokenises ``docs``, joins them with eot and cuts the stream into rows of seq_len + 1.
-
-    Returns:
-      ``(seqs_NxL1, stats)``: int32 rows, and counts of documents, UTF-8 bytes, stream tokens
-      (eot included), sequences and the dropped tail tokens.
-    """
-    eot, parts, n_bytes = np.array([tokenizer.eot_id], np.int32), [], 0
-    for k, (_, text) in enumerate(docs):
-        if k:
-            parts.append(eot)
-        parts.append(tokenizer.encode_array(text))
-        n_bytes += len(text.encode("utf-8"))
-    stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-    n = len(stream) // (seq_len + 1)
-    stats = dict(documents=len(docs), bytes=n_bytes, tokens=int(len(stream)), sequences=n,
-                 dropped_tokens=int(len(stream) - n * (seq_len + 1)))
-    return stream[:n * (seq_len + 1)].reshape(n, seq_len + 1), stats
-
-
-@dataclasses.dataclass(eq=False)
-class TextCorpusConfig(tfds.core.BuilderConfig):
-    """What a built dataset depends on; ``name`` is a hash of all of it."""
-
-    files: tuple[str, ...] = ()
-    root: str = ""
-    tokenizer: str = "byte"
-    bpe_dir: str = ""
-    seq_len: int = 256
-    val_fraction: float = 0.05
-    format: str = "text"         # text | sft (prompt/response JSONL, see sft.py)
-
-
-def _config_for(data_config) -> TextCorpusConfig:
-    """Validates the data config and turns it into a keyed builder config."""
-    seq_len = int(data_config.seq_len)
-    if seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}; e.g. "
-                         f"--config.data.seq_len=256.")
-    val_fraction = float(data_config.val_fraction)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}; "
-                         f"e.g. --config.data.val_fraction=0.05.")
-    tokenizer = str(data_config.tokenizer).strip().lower()
-    fmt = str(getattr(data_config, "format", "text") or "text").strip().lower()
-    if fmt not in sft.FORMATS:
-        raise ValueError(f"Unknown data.format {fmt!r}; choose one of {', '.join(sft.FORMATS)} "
-                         "(--config.data.format=sft for prompt/response JSONL).")
-    if fmt == "sft" and not data_config.path:
-        raise ValueError("data.format=sft needs --config.data.path: a .jsonl file or folder of "
-                         "{\"prompt\": ..., \"response\": ...} lines.")
-    path = data_config.path or BUNDLED_CORPUS
-    root, files = list_source_files(path)
-    stat = [os.stat(os.path.join(root, f)) for f in files]
-    fingerprint = [[os.path.join(root, f), st.st_size, st.st_mtime_ns]
-                   for f, st in zip(files, stat)]
-    key = dict(files=fingerprint, tokenizer=tokenizer, seq_len=seq_len,
-               val_fraction=val_fraction)
-    if fmt != "text":
-        key["format"] = fmt  # only here, so text datasets keep their cache names
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return TextCorpusConfig(
-        name=f"{'sft_' if fmt == 'sft' else ''}{tokenizer}_L{seq_len}_{digest}",
-        version=TextCorpus.VERSION,
-        description=f"{path} | tokenizer={tokenizer} seq_len={seq_len} val={val_fraction}",
-        files=tuple(files), root=root, tokenizer=tokenizer,
-        bpe_dir=getattr(data_config, "bpe_dir", ""), seq_len=seq_len, val_fraction=val_fraction,
-        format=fmt)
-
-
-class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Local text files -> packed token sequences of length seq_len + 1, split train/val."""
-
-    # Bump when the packing or the stored format changes.
-    VERSION = tfds.core.Version("1.0.0")
-    # TFDS finds a builder's source file (to look for download checksums beside it) through
-    # importlib_resources, which it does not install; nothing is downloaded here, so skip it.
-    code_path = None
-    # Set by build_dataset so that GPT-2's tokenizer is not built twice.
-    tokenizer = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        cfg = self.builder_config
-        features = {"tokens": tfds.features.Tensor(shape=(cfg.seq_len + 1,), dtype=np.int32,
-                                                   encoding=tfds.features.Encoding.BYTES)}
-        if cfg.format == "sft":  # per-token loss weights (0 on prompt and padding)
-            features["weights"] = tfds.features.Tensor(
-                shape=(cfg.seq_len + 1,), dtype=np.float32, encoding=tfds.features.Encoding.BYTES)
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Packed token sequences of local text documents (sparse_gpt.data.dataset).",
-            features=tfds.features.FeaturesDict(features),
-            # Record i is sequence i: tests and reproducibility rely on the stored order.
-            disable_shuffling=True,
-            # Per-split byte/token counts, read back for bits-per-byte.
-            metadata=tfds.core.MetadataDict(),
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing is downloaded
-        cfg = self.builder_config
-        tok = self.tokenizer or get_tokenizer(cfg)
-        is_sft = cfg.format == "sft"
-        docs = (sft.read_examples if is_sft else read_documents)(cfg.root, cfg.files)
-        splits = split_documents(docs, cfg.val_fraction)
-        generators, stats = {}, {}
-        for split, split_docs in zip(("train", "validation"), splits):
-            if is_sft:
-                seqs, weights, stats[split] = sft.pad_examples(split_docs, tok, cfg.seq_len)
-            else:
-                (seqs, stats[split]), weights = pack(split_docs, tok, cfg.seq_len), None
-            if len(seqs) == 0:
-                raise ValueError(
-                    f"The {split} split of {cfg.root} holds {stats[split]['tokens']} tokens "
-                    f"({len(split_docs)} documents), fewer than one sequence of seq_len + 1 = "
-                    f"{cfg.seq_len + 1}. Add text, lower --config.data.seq_len, or change "
-                    f"--config.data.val_fraction (now {cfg.val_fraction}).")
-            generators[split] = self._generate_examples(seqs, weights)
-        self.info.metadata["splits"] = stats
-        return generators
-
-    def _generate_examples(self, seqs_NxL1: np.ndarray, weights_NxL1: np.ndarray | None):
-        for i, seq in enumerate(seqs_NxL1):
-            yield i, ({"tokens": seq} if weights_NxL1 is None else
-                      {"tokens": seq, "weights": weights_NxL1[i]})
-
-
-def build_dataset(data_config, tokenizer=None) -> TextCorpus:
-    """Builds (or finds in the cache) the packed dataset of ``data_config``.
-
-    Args:
-      data_config: the ``data`` section of the config.
-      tokenizer: the tokenizer of ``data_config`` if already built (GPT-2's takes ~0.4 s).
-
-    Returns:
-      A prepared ``TextCorpus`` builder; ``.info.metadata["splits"]`` holds per-split counts.
-
-    Raises:
-      ValueError: bad path, no documents, unknown tokenizer, or a split too small.
-    """
-    # Built first so that a bad tokenizer fails before any file is read.
-    tokenizer = tokenizer or get_tokenizer(data_config)
-    # TFDS's progress bars and "custom data configuration" warnings would drown the
-    # training progress bar (TFDS still prints one line when it prepares a new cache).
-    tfds.disable_progress_bar()
-    config = _config_for(data_config)
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        builder = TextCorpus(config=config, data_dir=resolve_data_dir(data_config),
-                             file_format="array_record")
-        builder.tokenizer = tokenizer
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception:
-        # TFDS removes its incomplete folder but leaves the config's: don't litter the cache.
-        config_dir = os.path.join(resolve_data_dir(data_config), TextCorpus.name, config.name)
-        if os.path.isdir(config_dir) and not os.listdir(config_dir):
-            os.rmdir(config_dir)
-        raise
-    finally:
-        absl_logging.set_verbosity(verbosity)
-    return builder
+    n = rows.stop - rows.start
+    if n == batch_size:
+        return examples.batch(batch_size, drop_remainder=True)
+    return examples.batch(n, drop_remainder=True)[rows.start // n::batch_size // n]
 
 
 def _to_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -343,12 +94,15 @@ class TrainIterator:
     """An infinite iterator of train batches whose state can be saved as JSON and resumed.
 
     The state names the dataset, seed and batch size, so a checkpoint is never resumed into a
-    different data stream by accident.
+    different data stream by accident; ``about`` (corpus digests, packing settings) is stored
+    beside them to say what differs when it is refused.
     """
 
-    def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any]):
+    def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any],
+                 about: dict[str, Any] | None = None):
         self._it = iter(dataset)
         self._identity = identity
+        self._about = dict(about or {})
 
     def __iter__(self) -> "TrainIterator":
         return self
@@ -358,30 +112,72 @@ class TrainIterator:
 
     def get_state(self) -> dict[str, Any]:
         """Returns a JSON-serialisable state (grain's iterator state plus what it is for)."""
-        state = dict(self._identity, grain=self._it.get_state())
+        state = dict(self._identity, **self._about, grain=self._it.get_state())
         return json.loads(json.dumps(state))  # fails here, not at checkpoint time, if not JSON
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resumes from ``get_state()``'s output (possibly after a JSON round trip).
 
         Raises:
-          ValueError: the state belongs to another dataset, seed or batch size.
+          ValueError: the state belongs to another corpus content, packing, seed or batch size.
         """
-        other = {k: state.get(k) for k in self._identity}
-        if other != self._identity:
+        stream = [k for k in self._identity if k != "dataset"]
+        other = {k: state.get(k) for k in stream}
+        if other != {k: self._identity[k] for k in stream}:
             raise ValueError(f"This data state was saved for {other}, but the iterator is "
-                             f"{self._identity}. Resume with the same data config, seed and "
-                             f"batch size, or start from a fresh workdir.")
+                             f"{ {k: self._identity[k] for k in stream} }. Resume with the "
+                             "same data config, seed and batch size, or start from a fresh "
+                             "workdir.")
+        if state.get("dataset") != self._identity["dataset"]:
+            self._check_same_data(state)
         self._it.set_state(state["grain"])
+
+    def _check_same_data(self, state: dict[str, Any]) -> None:
+        if "corpus" not in state:
+            # Written before datasets were keyed by content (the name hashed paths and
+            # mtimes): the content cannot be checked, the packing settings partly can.
+            prefix = self._identity["dataset"].rsplit("_", 1)[0]
+            if str(state.get("dataset", "")).rsplit("_", 1)[0] != prefix:
+                raise ValueError(
+                    f"This data state was saved for dataset {state.get('dataset')!r}, built "
+                    f"with other tokenizer/seq_len settings than this run's "
+                    f"{self._identity['dataset']!r}. Restore the run's data config, or start "
+                    "from a fresh --workdir.")
+            logging.warning(
+                "The checkpoint's data state predates content-keyed datasets: resuming it on "
+                "%s without checking that the corpus is the one it was trained on.",
+                self._identity["dataset"])
+            return
+        mine = self._about.get("packing", {})
+        settings = [f"{k} {state.get('packing', {}).get(k)!r} -> {v!r}" for k, v in mine.items()
+                    if state.get("packing", {}).get(k) != v]
+        if settings:
+            raise ValueError(
+                f"This data state was saved for data packed with other settings "
+                f"({'; '.join(settings)}), so this run would read other batches. Restore the "
+                "run's --config.data.* settings, or start from a fresh --workdir.")
+        if state["corpus"] != self._about.get("corpus"):
+            saved, now = state.get("corpus_files"), self._about.get("corpus_files")
+            what = (fingerprint.describe_change(saved, now) if saved and now
+                    else "the files' digests differ")
+            raise ValueError(
+                f"This data state was saved for another corpus: the content of the files "
+                f"under data.path changed since the checkpoint ({what}), so this run would "
+                "read other batches than the interrupted one. Restore the corpus the run was "
+                "trained on (only content and relative file names count: touched, copied or "
+                "moved files resume fine), or train on the new corpus from a fresh --workdir.")
+        raise ValueError(f"This data state was saved for dataset {state.get('dataset')!r}, "
+                         f"not {self._identity['dataset']!r}. Restore the run's data config, "
+                         "or start from a fresh --workdir.")
 
 
 @dataclasses.dataclass
 class Data:
-    """The train and validation streams of one data config.
+    """The train and validation streams of one data config, as read by one process.
 
     Attributes:
       tokenizer: the tokenizer the sequences were built with.
-      batch_size: sequences per batch.
+      batch_size: sequences per global batch (B).
       seed: the shuffling seed.
       seq_len: tokens per ``inputs`` row (L).
       num_train_sequences: packed train sequences (one epoch).
@@ -392,6 +188,8 @@ class Data:
         sequences and dropped tail tokens.
       name: the dataset's builder-config name (a hash of everything it depends on).
       num_workers: grain worker processes of the train iterator (0: threads in this process).
+      process_index: this process (``jax.process_index()`` unless given).
+      process_count: processes reading the batches (``jax.process_count()`` unless given).
     """
 
     tokenizer: Any
@@ -404,16 +202,24 @@ class Data:
     stats: dict[str, dict[str, int]]
     name: str
     num_workers: int
+    process_index: int
+    process_count: int
     _train_source: Any = dataclasses.field(repr=False)
     _val_source: Any = dataclasses.field(repr=False)
+    _about: dict = dataclasses.field(repr=False)
+
+    @property
+    def rows(self) -> slice:
+        """The rows of every global batch this process reads (see :func:`process_rows`)."""
+        return process_rows(self.batch_size, self.process_index, self.process_count)
 
     def train_iterator(self) -> TrainIterator:
         """Returns an infinite iterator of shuffled train batches (new order every epoch)."""
-        ds = (grain.MapDataset.source(self._train_source)
-              .shuffle(seed=_grain_seed(self.seed))
-              .repeat()  # epoch e is read at indices [e * N, (e + 1) * N): reshuffled per epoch
-              .map(_to_example)
-              .batch(self.batch_size, drop_remainder=True))
+        examples = (grain.MapDataset.source(self._train_source)
+                    .shuffle(seed=_grain_seed(self.seed))
+                    .repeat()  # epoch e is read at indices [e * N, (e + 1) * N): reshuffled
+                    .map(_to_example))
+        ds = _rows_of_batches(examples, self.batch_size, self.rows)
         # Few threads and a short buffer: the data are small next to a train step, and the
         # machines running the tests have two cores.
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
@@ -423,29 +229,52 @@ class Data:
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
-        # grain's state layout differs with and without workers, hence num_workers here.
+        # grain's state layout differs with and without workers, hence num_workers here. The
+        # rows are not: every process's state is the same global position.
         identity = dict(dataset=self.name, seed=int(self.seed), batch_size=int(self.batch_size),
                         num_workers=int(self.num_workers))
-        return TrainIterator(it_ds, identity)
+        return TrainIterator(it_ds, identity, self._about)
 
     def val_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
-        """Returns the first ``num_batches`` validation batches, wrapping around if needed.
+        """Returns this process's rows of the first ``num_batches`` validation batches.
 
         Args:
-          num_batches: how many batches; the same list is returned on every call.
+          num_batches: how many batches; the same list is returned on every call (validation
+            wraps around when it holds fewer than ``num_batches * batch_size`` rows).
         """
-        ds = (grain.MapDataset.source(self._val_source).repeat().map(_to_example)
-              .batch(self.batch_size, drop_remainder=True))
+        examples = grain.MapDataset.source(self._val_source).repeat().map(_to_example)
+        ds = _rows_of_batches(examples, self.batch_size, self.rows)
         return [ds[i] for i in range(int(num_batches))]
 
 
-def make_data(data_config, batch_size: int, seed: int | None = None) -> Data:
+def _build(data_config, tokenizer) -> builder_lib.TextCorpus:
+    """Builds the dataset; with several processes, process 0 first (they may share a disk)."""
+    if jax.process_count() == 1:
+        return builder_lib.build_dataset(data_config, tokenizer)
+    from jax.experimental import multihost_utils
+    built, error = None, None
+    if jax.process_index() == 0:
+        try:
+            built = builder_lib.build_dataset(data_config, tokenizer)
+        except Exception as e:  # raised after the barrier, so no process waits forever
+            error = e
+    multihost_utils.sync_global_devices("sparse_gpt.data: dataset built by process 0")
+    if error is not None:
+        raise error
+    return built or builder_lib.build_dataset(data_config, tokenizer)
+
+
+def make_data(data_config, batch_size: int, seed: int | None = None, *,
+              process_index: int | None = None, process_count: int | None = None) -> Data:
     """Builds (or loads from the cache) the dataset of ``data_config`` and wraps it for training.
 
     Args:
       data_config: the ``data`` section of the config.
-      batch_size: sequences per batch.
+      batch_size: sequences per global batch.
       seed: shuffling seed; ``None`` -> ``data_config.seed``.
+      process_index: the reading process (default ``jax.process_index()``).
+      process_count: the processes sharing each batch (default ``jax.process_count()``);
+        ``process_count=1`` reads whole global batches.
 
     Returns:
       A ``Data`` with ``train_iterator()``, ``val_batches(n)`` and sizes.
@@ -456,15 +285,23 @@ def make_data(data_config, batch_size: int, seed: int | None = None) -> Data:
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     seed = int(getattr(data_config, "seed", 0) if seed is None else seed)
+    process_count = jax.process_count() if process_count is None else int(process_count)
+    process_index = (jax.process_index() if process_index is None else int(process_index))
+    process_rows(int(batch_size), process_index, process_count)  # validates the pair
     tokenizer = get_tokenizer(data_config)
-    builder = build_dataset(data_config, tokenizer)
+    builder = _build(data_config, tokenizer)
+    cfg = builder.builder_config
     stats = builder.info.metadata["splits"]
     train, val = (builder.as_data_source(split=s) for s in ("train", "validation"))
+    about = dict(corpus=cfg.corpus, packing=dict(tokenizer=cfg.tokenizer, seq_len=cfg.seq_len,
+                                                 val_fraction=cfg.val_fraction, format=cfg.format))
+    if len(cfg.files) <= _MAX_FILES_IN_STATE:
+        about["corpus_files"] = {f.replace(os.sep, "/"): d
+                                 for f, d in zip(cfg.files, cfg.digests)}
     return Data(
-        tokenizer=tokenizer, batch_size=int(batch_size), seed=seed,
-        seq_len=builder.builder_config.seq_len, num_train_sequences=len(train),
-        num_val_sequences=len(val),
+        tokenizer=tokenizer, batch_size=int(batch_size), seed=seed, seq_len=cfg.seq_len,
+        num_train_sequences=len(train), num_val_sequences=len(val),
         bytes_per_token=stats["validation"]["bytes"] / stats["validation"]["tokens"],
-        stats=stats, name=builder.builder_config.name,
-        num_workers=int(getattr(data_config, "num_workers", 0)),
-        _train_source=train, _val_source=val)
+        stats=stats, name=cfg.name, num_workers=int(getattr(data_config, "num_workers", 0)),
+        process_index=process_index, process_count=process_count,
+        _train_source=train, _val_source=val, _about=about)

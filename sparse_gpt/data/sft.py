@@ -1,6 +1,6 @@
 """Supervised fine-tuning examples: JSONL prompt/response pairs, loss on the response only.
 
-``data.format = "sft"`` makes the data pipeline (``data.py``) read every ``.jsonl(.gz)``
+``data.format = "sft"`` makes the TFDS builder (``builder.py``) read every ``.jsonl(.gz)``
 file under ``data.path`` as one ``{"prompt": str, "response": str}`` object per line and
 store each example as one row of ``seq_len + 1`` tokens with a weight per token::
 
@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sparse_gpt.data import sources
+
 FORMATS = ("text", "sft")
 SFT_SUFFIXES = (".jsonl", ".jsonl.gz")
 _HOW = "An SFT file needs one {\"prompt\": str, \"response\": str} object per line."
@@ -49,11 +51,10 @@ def read_examples(root: str, files: Sequence[str]) -> list[tuple[str, tuple[str,
         if not rel.endswith(SFT_SUFFIXES):
             raise ValueError(f"{full} is not .jsonl(.gz); data.format=sft reads JSONL only. "
                              f"{_HOW}")
-        from sparse_gpt.data import dataset as data# data.py imports this module at its top
         opener = gzip.open if rel.endswith(".gz") else open
         try:
             with opener(full, "rt", encoding="utf-8") as f:
-                for n, obj in data.json_lines(f, full, _HOW):
+                for n, obj in sources.json_lines(f, full, _HOW):
                     if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
                             and isinstance(obj.get("response"), str)):
                         raise ValueError(f"{full}:{n} lacks a string \"prompt\" or "
