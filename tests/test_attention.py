@@ -129,6 +129,20 @@ def test_kernel_bf16_and_backend_choice():
                                        block_size=16)
 
 
+def test_registered_attention_backend_matches_oracle():
+    """An outside backend (here the reference functions) is selectable by name once registered."""
+    from kernels.attention import reference as attn_reference
+
+    stub = kernels.AttentionBackend(attn_reference.forward, attn_reference.backward)
+    kernels.register_attention_backend("stub_reference", stub)
+    try:
+        _check_kernel(Band(1, 20), "stub_reference", False)
+    finally:
+        kernels.unregister_attention_backend("stub_reference")
+    with pytest.raises(ValueError, match="unknown attention backend 'stub_reference'"):
+        kernels.resolve_attention_backend("stub_reference")
+
+
 def test_xla_kernel_skips_empty_blocks():
     """Compiled FLOPs follow the block density (local 16 at L=256, B=16: 31/256 blocks)."""
     pattern = A.Pattern("local", window=16)

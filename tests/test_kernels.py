@@ -5,6 +5,9 @@ computed in fp32 from the same (possibly bf16-rounded) inputs. Pallas kernels ru
 interpret mode on CPU, so the real kernel bodies are exercised; shapes stay tiny.
 """
 
+import ast
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 
 import kernels
 from kernels import BlockBudget
+from kernels.bsmm import reference as bsmm_reference
 
 BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True), ("pallas_tpu", True)]
 
@@ -278,6 +282,83 @@ def test_backend_choice():
     assert kernels.resolve_backend("auto") == "xla"  # tests run on CPU
     with pytest.raises(ValueError, match="unknown backend"):
         kernels.resolve_backend("cuda")
+
+
+def _stub_backend(calls):
+    """A backend defined outside the package: the reference products, recording each call."""
+
+    def delegate(name):
+        def product(*args):
+            calls.append(name)
+            return getattr(bsmm_reference, name)(*args)
+
+        return product
+
+    return kernels.MatmulBackend(*(delegate(n) for n in ("matmul", "matmul_t", "sddmm")))
+
+
+def test_registered_backend_matches_dense_masked_oracle(monkeypatch):
+    """``register_backend`` makes an outside backend selectable by name (and by "auto" via
+    the environment variable); values and both gradients match ``x @ (w * expand(mask))``."""
+    rng = np.random.default_rng(8)
+    mask = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 0], [1, 0, 1]], bool)  # empty column 1
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 3, 48)), jnp.float32)
+    m_KxN = jnp.asarray(np.kron(mask, np.ones((16, 16))), jnp.float32)  # independent expand
+    want_y, vjp = jax.vjp(lambda x, w: x @ (w * m_KxN), x, w)
+    want = (want_y, *vjp(ct))
+    calls = []
+    kernels.register_backend("stub_reference", _stub_backend(calls))
+    try:
+        meta = kernels.make_block_meta(mask, 16, block_mask=True)
+        monkeypatch.setenv("SPARSE_GPT_BSMM_BACKEND", "stub_reference")
+        for backend in ("stub_reference", "auto"):  # "auto" takes the environment variable
+            f = lambda x, w: kernels.block_sparse_matmul(x, w, meta, backend=backend)
+            y, vjp_got = jax.vjp(f, x, w)
+            for name, g, r in zip(("y", "dx", "dw"), (y, *vjp_got(ct)), want):
+                _close(g, r, jnp.float32, f"registered {backend} {name}")
+            assert sorted(set(calls)) == ["matmul", "matmul_t", "sddmm"]
+            calls.clear()
+    finally:
+        kernels.unregister_backend("stub_reference")
+    with pytest.raises(ValueError, match="unknown backend 'stub_reference'"):
+        kernels.resolve_backend("stub_reference")  # unregistered again
+
+
+def test_unknown_or_bad_backend_errors_name_the_registered_ones():
+    meta = kernels.make_block_meta(np.ones((2, 2), bool), 16, block_mask=True)
+    kernels.register_backend("stub_reference", _stub_backend([]))
+    try:
+        with pytest.raises(ValueError, match="unknown backend 'triton'") as err:
+            kernels.block_sparse_matmul(jnp.ones((4, 32)), jnp.ones((32, 32)), meta,
+                                        backend="triton")
+        for name in (*kernels.BACKENDS, "stub_reference", "register_backend"):
+            assert name in str(err.value), name
+    finally:
+        kernels.unregister_backend("stub_reference")
+    with pytest.raises(ValueError, match="built in"):
+        kernels.register_backend("xla", _stub_backend([]))
+    with pytest.raises(TypeError, match="MatmulBackend"):
+        kernels.register_backend("stub_reference", bsmm_reference)
+
+
+def test_no_backend_module_imports_another():
+    """Backends share code through kernels/common.py (and their op's meta), never each other."""
+    root = pathlib.Path(kernels.__file__).parent
+    for op, backends in (("bsmm", ("reference", "xla", "pallas_gpu", "pallas_tpu")),
+                         ("attention", ("reference", "xla", "pallas_gpu"))):
+        others = {f"kernels.{o}.{b}" for o in ("bsmm", "attention") for b in backends}
+        for b in backends:
+            tree = ast.parse((root / op / f"{b}.py").read_text())
+            imported = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            bad = (imported & others) - {f"kernels.{op}.{b}"}
+            assert not bad and not any(i.startswith("sparse_gpt") for i in imported), (b, bad)
 
 
 @pytest.mark.parametrize("backend,platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])

@@ -18,55 +18,90 @@ pallas_gpu on GPU, else xla; the environment variable ``SPARSE_GPT_ATTN_BACKEND`
 from __future__ import annotations
 
 import functools
-import os
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kernels.attention import pallas_gpu, reference, xla
 from kernels.attention.meta import attention_meta
+from kernels.common import Registry, bind_interpret
 
-ATTENTION_BACKENDS = ("pallas_gpu", "xla", "reference")
-_MODULES = {"pallas_gpu": pallas_gpu, "xla": xla, "reference": reference}
+
+class AttentionBackend(NamedTuple):
+    """The functions of one block-sparse attention backend (see the module docstring).
+
+    Attributes:
+      forward: ``(q, k, v, meta, mask_fn, scale) -> (o, lse)``.
+      backward: ``(q, k, v, lse, dO, delta, meta, mask_fn, scale) -> (dq, dk, dv)``.
+      takes_interpret: both take an ``interpret=`` keyword (Pallas backends).
+    """
+
+    forward: Callable
+    backward: Callable
+    takes_interpret: bool = False
+
+
+_REGISTRY = Registry(
+    "attention backend",
+    AttentionBackend,
+    env_var="SPARSE_GPT_ATTN_BACKEND",
+    native={"gpu": "pallas_gpu", "cuda": "pallas_gpu"},
+    register_fn="register_attention_backend",
+)
+_REGISTRY.register("pallas_gpu", AttentionBackend(pallas_gpu.forward, pallas_gpu.backward, True),
+                   builtin=True)
+_REGISTRY.register("xla", AttentionBackend(xla.forward, xla.backward), builtin=True)
+_REGISTRY.register("reference", AttentionBackend(reference.forward, reference.backward),
+                   builtin=True)
+ATTENTION_BACKENDS = _REGISTRY.names()  # the built-in names
+
+
+def register_attention_backend(name: str, impl: AttentionBackend) -> None:
+    """Makes ``impl`` selectable as ``block_sparse_attention(..., backend=name)``.
+
+    As ``kernels.register_backend`` for the matmul: register before the first trace that
+    uses it; a name registered again is replaced; built-in names cannot be.
+
+    Raises:
+      ValueError: a built-in or empty name. TypeError: ``impl`` is not an
+        ``AttentionBackend``.
+    """
+    _REGISTRY.register(name, impl)
+
+
+def unregister_attention_backend(name: str) -> None:
+    """Removes a backend added with ``register_attention_backend``."""
+    _REGISTRY.unregister(name)
 
 
 def resolve_attention_backend(backend: str = "auto", platform: str | None = None) -> str:
-    """Maps ``"auto"`` (or the env override) to a concrete backend and validates it."""
-    if backend == "auto":
-        platform = platform or jax.default_backend()
-        native = "pallas_gpu" if platform in ("gpu", "cuda") else "xla"
-        backend = os.environ.get("SPARSE_GPT_ATTN_BACKEND", "") or native
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of "
-                         f"{ATTENTION_BACKENDS} or 'auto'.")
-    return backend
+    """Maps ``"auto"`` (or ``$SPARSE_GPT_ATTN_BACKEND``) to a registered name and checks it.
 
-
-def _impl(backend: str, interpret):
-    mod = _MODULES[backend]
-    if backend.startswith("pallas"):
-        return (functools.partial(mod.forward, interpret=interpret),
-                functools.partial(mod.backward, interpret=interpret))
-    return mod.forward, mod.backward
+    Raises:
+      ValueError: an unknown name; the message lists the registered ones.
+    """
+    return _REGISTRY.resolve(backend, platform)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _attention(q, k, v, mask_fn, block_size, scale, backend, interpret):
-    meta = attention_meta(mask_fn, q.shape[1], block_size)
-    return _impl(backend, interpret)[0](q, k, v, meta, mask_fn, scale)[0]
+def _attention(q, k, v, mask_fn, block_size, scale, impl, interpret):
+    return _attention_fwd(q, k, v, mask_fn, block_size, scale, impl, interpret)[0]
 
 
-def _attention_fwd(q, k, v, mask_fn, block_size, scale, backend, interpret):
+def _attention_fwd(q, k, v, mask_fn, block_size, scale, impl, interpret):
     meta = attention_meta(mask_fn, q.shape[1], block_size)
-    o, lse = _impl(backend, interpret)[0](q, k, v, meta, mask_fn, scale)
+    (forward,) = bind_interpret((impl.forward,), impl.takes_interpret, interpret)
+    o, lse = forward(q, k, v, meta, mask_fn, scale)
     return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(mask_fn, block_size, scale, backend, interpret, res, do):
+def _attention_bwd(mask_fn, block_size, scale, impl, interpret, res, do):
     q, k, v, o, lse = res
     meta = attention_meta(mask_fn, q.shape[1], block_size)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)   # [N, L]
-    dq, dk, dv = _impl(backend, interpret)[1](q, k, v, lse, do, delta, meta, mask_fn, scale)
+    (backward,) = bind_interpret((impl.backward,), impl.takes_interpret, interpret)
+    dq, dk, dv = backward(q, k, v, lse, do, delta, meta, mask_fn, scale)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -114,8 +149,8 @@ def block_sparse_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK
     dtype = jnp.result_type(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxHxK,
                                                                  v_BxLxHxK))
-    backend = resolve_attention_backend(backend)
+    impl = _REGISTRY.get(backend)
     scale = float(d ** -0.5 if scale is None else scale)
     out = _attention(*(_to_nld(x) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)), mask_fn,
-                     int(block_size), scale, backend, interpret)
+                     int(block_size), scale, impl, interpret)
     return out.reshape(b, h, seq_len, d).transpose(0, 2, 1, 3)

@@ -140,6 +140,10 @@ class BlockMeta:
     def budget(self) -> BlockBudget:
         return BlockBudget(self.col_kidx_NbxT.shape[-1], self.row_nidx_KbxR.shape[-1])
 
+    def dense_mask(self, dtype) -> jax.Array:
+        """The computed block mask expanded to a ``[K, N]`` element mask of ``dtype``."""
+        return expand_block_mask(jnp.asarray(self.block_mask_KbxNb).astype(dtype), self.block_size)
+
 
 jax.tree_util.register_dataclass(
     BlockMeta,
@@ -178,6 +182,10 @@ class FrozenBlockMeta:
         return np.array(self.block_mask, dtype=bool).reshape(
             self.shape[0] // self.block_size, self.shape[1] // self.block_size
         )
+
+    def dense_mask(self, dtype) -> jax.Array:
+        """The block mask expanded to a ``[K, N]`` element mask of ``dtype``."""
+        return expand_block_mask(jnp.asarray(self.numpy()).astype(dtype), self.block_size)
 
     def to_traced(self) -> BlockMeta:
         """Returns the equivalent ``BlockMeta`` with the exact (tightest) budget."""

@@ -1,39 +1,106 @@
 """Public block-sparse matmul: ``x @ (w * expand(block_mask))`` with a custom VJP.
 
-Every backend implements the same three products (``matmul``, ``matmul_t``, ``sddmm``):
+Dimension letters: x is ``[M, K]`` (M = tokens, all leading dims flattened), the weight
+``[K, N]`` (K in-features, N out-features), y ``[M, N]``; B the block size, ``Kb = K // B``,
+``Nb = N // B``; T and R the column and row budgets of the metadata (kernels/bsmm/meta.py).
 
-    forward  y  = x @ W_sparse
-    dX          = dY @ W_sparse^T        (row view of the same metadata)
-    dW          = (x^T @ dY) * mask      (SDDMM, only the non-zero blocks are computed)
+A backend is a ``MatmulBackend``: the same three products in every backend,
 
+    matmul    forward  y  = x @ W_sparse
+    matmul_t  dX          = dY @ W_sparse^T        (row view of the same metadata)
+    sddmm     dW          = (x^T @ dY) * mask      (only the non-zero blocks are computed)
+
+each called as ``f(a, b, meta, out_dtype)`` (plus ``interpret=`` when ``takes_interpret``),
 and ``block_sparse_matmul`` wires them into one ``jax.custom_vjp``, so ``jax.grad`` works
-for all of them, including the Pallas kernels (``pallas_call`` has no JVP rule).
+for all of them, including the Pallas kernels (``pallas_call`` has no JVP rule). A backend
+may add ``frozen``, a second ``MatmulBackend`` for ``FrozenBlockMeta`` (masks known at trace
+time); without it frozen metadata is converted to traced metadata.
 
-Backends: ``"pallas_gpu"`` (Triton), ``"pallas_tpu"`` (Mosaic, scalar prefetch), ``"xla"``
-(gathers of the non-zero blocks; the CPU default) and ``"reference"`` (the dense masked
-oracle). ``"auto"`` picks by platform (GPU -> pallas_gpu, TPU -> pallas_tpu, else xla);
-the environment variable ``SPARSE_GPT_BSMM_BACKEND`` overrides ``"auto"``.
+Built-in backends: ``"pallas_gpu"`` (Triton), ``"pallas_tpu"`` (Mosaic, scalar prefetch),
+``"xla"`` (gathers of the non-zero blocks, static slices for frozen metadata; the CPU
+default) and ``"reference"`` (the dense masked oracle). ``"auto"`` picks by platform
+(GPU -> pallas_gpu, TPU -> pallas_tpu, else xla); the environment variable
+``SPARSE_GPT_BSMM_BACKEND`` overrides ``"auto"``. ``register_backend`` adds one from outside
+the package, selectable by name as ``backend=`` (``--config.model.kernel_backend=NAME``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from kernels.bsmm import pallas_gpu, pallas_tpu, reference, xla
 from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta, check_divisible
-from kernels.common import check_block_size
+from kernels.common import Registry, bind_interpret, check_block_size
 
-BACKENDS = ("pallas_gpu", "pallas_tpu", "xla", "reference")
-_MODULES = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu, "xla": xla, "reference": reference}
-_NATIVE = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}
+
+class MatmulBackend(NamedTuple):
+    """The functions of one block-sparse matmul backend (see the module docstring).
+
+    Attributes:
+      matmul: ``(x_MxK, w_KxN, meta, out_dtype) -> y_MxN``.
+      matmul_t: ``(dy_MxN, w_KxN, meta, out_dtype) -> dx_MxK``.
+      sddmm: ``(x_MxK, dy_MxN, meta, out_dtype) -> dw_KxN``, dense layout, exactly zero
+        outside the metadata's blocks.
+      takes_interpret: the three take an ``interpret=`` keyword (Pallas backends).
+      frozen: optional products for ``FrozenBlockMeta``; ``None`` converts it to traced.
+    """
+
+    matmul: Callable
+    matmul_t: Callable
+    sddmm: Callable
+    takes_interpret: bool = False
+    frozen: Optional["MatmulBackend"] = None
+
+
+_REGISTRY = Registry(
+    "backend",
+    MatmulBackend,
+    env_var="SPARSE_GPT_BSMM_BACKEND",
+    native={"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"},
+    register_fn="register_backend",
+)
+
+
+def _of(mod, **kw) -> MatmulBackend:
+    return MatmulBackend(mod.matmul, mod.matmul_t, mod.sddmm, **kw)
+
+
+_XLA_FROZEN = MatmulBackend(xla.frozen_matmul, xla.frozen_matmul_t, xla.frozen_sddmm)
+_REGISTRY.register("pallas_gpu", _of(pallas_gpu, takes_interpret=True), builtin=True)
+_REGISTRY.register("pallas_tpu", _of(pallas_tpu, takes_interpret=True), builtin=True)
+_REGISTRY.register("xla", _of(xla, frozen=_XLA_FROZEN), builtin=True)
+_REGISTRY.register("reference", _of(reference), builtin=True)
+BACKENDS = _REGISTRY.names()  # the built-in names
+
+
+def register_backend(name: str, impl: MatmulBackend) -> None:
+    """Makes ``impl`` selectable as ``block_sparse_matmul(..., backend=name)``.
+
+    Register before the first trace that uses it (the name is resolved at trace time).
+    Registering a name again replaces it (re-running a notebook cell); built-in names cannot
+    be replaced. See ``tests/test_kernels.py::test_registered_backend_matches_oracle``.
+
+    Args:
+      name: any string but ``"auto"`` and the built-in names.
+      impl: a ``MatmulBackend`` of the three products.
+
+    Raises:
+      ValueError: a built-in or empty name. TypeError: ``impl`` is not a ``MatmulBackend``.
+    """
+    _REGISTRY.register(name, impl)
+
+
+def unregister_backend(name: str) -> None:
+    """Removes a backend added with ``register_backend`` (a no-op for an unknown name)."""
+    _REGISTRY.unregister(name)
 
 
 def available_backends(platform: str | None = None) -> tuple[str, ...]:
-    """Backends that run natively (``interpret=False``) on ``platform``.
+    """Built-in backends that run natively (``interpret=False``) on ``platform``.
 
     Args:
       platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``; default ``jax.default_backend()``.
@@ -42,71 +109,38 @@ def available_backends(platform: str | None = None) -> tuple[str, ...]:
       Names usable as ``backend=``, preferred first. The Pallas backends also run on any
       platform with ``interpret=True`` (slow; for tests).
     """
-    platform = platform or jax.default_backend()
-    native = (_NATIVE[platform],) if platform in _NATIVE else ()
-    return native + ("xla", "reference")
+    return _REGISTRY.available(platform)
 
 
 def resolve_backend(backend: str = "auto", platform: str | None = None) -> str:
-    """Maps ``"auto"`` (or the env override) to a concrete backend name and validates it."""
-    if backend == "auto":
-        backend = os.environ.get("SPARSE_GPT_BSMM_BACKEND", "") or available_backends(platform)[0]
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'.")
-    return backend
+    """Maps ``"auto"`` (or ``$SPARSE_GPT_BSMM_BACKEND``) to a registered name and checks it.
 
-
-def _products(backend: str, interpret):
-    mod = _MODULES[backend]
-    if backend.startswith("pallas"):
-        kw = dict(interpret=interpret)
-        return (
-            functools.partial(mod.matmul, **kw),
-            functools.partial(mod.matmul_t, **kw),
-            functools.partial(mod.sddmm, **kw),
-        )
-    return mod.matmul, mod.matmul_t, mod.sddmm
+    Raises:
+      ValueError: an unknown name; the message lists the registered ones.
+    """
+    return _REGISTRY.resolve(backend, platform)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bsmm(x_MxK, w_KxN, meta, backend, interpret):
-    return _products(backend, interpret)[0](x_MxK, w_KxN, meta, x_MxK.dtype)
+def _bsmm(x_MxK, w_KxN, meta, impl: MatmulBackend, interpret):
+    matmul = bind_interpret((impl.matmul,), impl.takes_interpret, interpret)[0]
+    return matmul(x_MxK, w_KxN, meta, x_MxK.dtype)
 
 
-def _bsmm_fwd(x_MxK, w_KxN, meta, backend, interpret):
-    return _bsmm(x_MxK, w_KxN, meta, backend, interpret), (x_MxK, w_KxN, meta)
+def _bsmm_fwd(x_MxK, w_KxN, meta, impl, interpret):
+    return _bsmm(x_MxK, w_KxN, meta, impl, interpret), (x_MxK, w_KxN, meta)
 
 
-def _bsmm_bwd(backend, interpret, res, dy_MxN):
+def _bsmm_bwd(impl, interpret, res, dy_MxN):
     x_MxK, w_KxN, meta = res
-    _, matmul_t, sddmm = _products(backend, interpret)
-    dx = matmul_t(dy_MxN.astype(x_MxK.dtype), w_KxN, meta, x_MxK.dtype)
-    dw = sddmm(x_MxK, dy_MxN.astype(x_MxK.dtype), meta, w_KxN.dtype)
-    return dx, dw, None  # the metadata is integer: no cotangent
+    matmul_t, sddmm = bind_interpret((impl.matmul_t, impl.sddmm), impl.takes_interpret, interpret)
+    dy_MxN = dy_MxN.astype(x_MxK.dtype)
+    dx = matmul_t(dy_MxN, w_KxN, meta, x_MxK.dtype)
+    dw = sddmm(x_MxK, dy_MxN, meta, w_KxN.dtype)
+    return dx, dw, None  # the metadata is integer (or static): no cotangent
 
 
 _bsmm.defvjp(_bsmm_fwd, _bsmm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _frozen(x_MxK, w_KxN, fmeta):
-    return xla.frozen_matmul(x_MxK, w_KxN, fmeta, x_MxK.dtype)
-
-
-def _frozen_fwd(x_MxK, w_KxN, fmeta):
-    return _frozen(x_MxK, w_KxN, fmeta), (x_MxK, w_KxN)
-
-
-def _frozen_bwd(fmeta, res, dy_MxN):
-    x_MxK, w_KxN = res
-    dy_MxN = dy_MxN.astype(x_MxK.dtype)
-    return (
-        xla.frozen_matmul_t(dy_MxN, w_KxN, fmeta, x_MxK.dtype),
-        xla.frozen_sddmm(x_MxK, dy_MxN, fmeta, w_KxN.dtype),
-    )
-
-
-_frozen.defvjp(_frozen_fwd, _frozen_bwd)
 
 
 def block_sparse_matmul(
@@ -128,8 +162,10 @@ def block_sparse_matmul(
       x: ``[..., K]`` activations; leading dims are flattened into M.
       w_KxN: ``[K, N]`` dense weight (entries outside the mask are ignored).
       meta: ``make_block_meta(...)`` output for this weight. A ``FrozenBlockMeta`` (mask known
-        at trace time) runs static slices on the xla backend; Pallas backends convert it.
-      backend: ``"auto"``, ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"`` or ``"reference"``.
+        at trace time) runs the backend's ``frozen`` products (xla: static slices) or is
+        converted to traced metadata.
+      backend: ``"auto"``, a built-in name (``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``,
+        ``"reference"``) or one given to ``register_backend``.
       interpret: run Pallas kernels in interpret mode (``True`` or a
         ``pltpu.InterpretParams``); required for Pallas backends on CPU.
 
@@ -155,7 +191,7 @@ def block_sparse_matmul(
         raise ValueError(f"x has {x.shape[-1]} features (shape {x.shape}) but w has K={k}.")
     # A Pallas backend on CPU without interpret fails in Pallas itself ("Only interpret mode
     # is supported on CPU"); no check here, so GPU/TPU programs can be lowered from a CPU host.
-    backend = resolve_backend(backend)
+    impl = _REGISTRY.get(backend)
 
     dtype = jnp.result_type(x, w_KxN)
     lead = x.shape[:-1]
@@ -164,8 +200,9 @@ def block_sparse_matmul(
     if x_MxK.shape[0] == 0:
         return jnp.zeros((*lead, n), dtype)
     if isinstance(meta, FrozenBlockMeta):
-        if backend == "xla":
-            return _frozen(x_MxK, w_KxN, meta).reshape(*lead, n)
-        meta = meta.to_traced()
-    y_MxN = _bsmm(x_MxK, w_KxN, meta, backend, interpret)
+        if impl.frozen is not None:
+            impl = impl.frozen
+        else:
+            meta = meta.to_traced()
+    y_MxN = _bsmm(x_MxK, w_KxN, meta, impl, interpret)
     return y_MxN.reshape(*lead, n)

@@ -2,9 +2,12 @@
 
 ``reference_matmul`` is plain jnp, so ``jax.grad`` of it (ordinary autodiff, no custom_vjp)
 is the independent oracle for the gradients too: dX = dY @ (w * m)^T and
-dW = (x^T @ dY) * m. The three ``*_block`` functions are the same maths written as the
-backend interface (forward, dX, sampled dW) so ``backend="reference"`` can be selected
+dW = (x^T @ dY) * m. ``matmul``, ``matmul_t`` and ``sddmm`` are the same maths written as
+the backend interface (forward, dX, sampled dW) so ``backend="reference"`` can be selected
 through ``block_sparse_matmul`` like any other backend.
+
+Dimension letters: x ``[M, K]``, W ``[K, N]`` (K in-features, N out-features), y and dY
+``[M, N]``; m the block mask expanded to ``[K, N]``.
 """
 
 from __future__ import annotations
@@ -12,12 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta, expand_block_mask
-
-
-def _dense_mask(meta: BlockMeta | FrozenBlockMeta, dtype) -> jax.Array:
-    m = meta.numpy() if isinstance(meta, FrozenBlockMeta) else meta.block_mask_KbxNb
-    return expand_block_mask(jnp.asarray(m).astype(dtype), meta.block_size)
+from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta
 
 
 def reference_matmul(x: jax.Array, w_KxN: jax.Array, mask) -> jax.Array:
@@ -33,7 +31,7 @@ def reference_matmul(x: jax.Array, w_KxN: jax.Array, mask) -> jax.Array:
       ``[..., N]`` in the promoted dtype of ``x`` and ``w``.
     """
     if isinstance(mask, (BlockMeta, FrozenBlockMeta)):
-        m_KxN = _dense_mask(mask, w_KxN.dtype)
+        m_KxN = mask.dense_mask(w_KxN.dtype)
     else:
         m_KxN = jnp.asarray(mask).astype(w_KxN.dtype)
     out_dtype = jnp.result_type(x, w_KxN)
@@ -43,17 +41,17 @@ def reference_matmul(x: jax.Array, w_KxN: jax.Array, mask) -> jax.Array:
 
 def matmul(x_MxK, w_KxN, meta, out_dtype):
     """Forward through the dense oracle (backend interface)."""
-    w = w_KxN * _dense_mask(meta, w_KxN.dtype)
+    w = w_KxN * meta.dense_mask(w_KxN.dtype)
     return jnp.dot(x_MxK, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def matmul_t(dy_MxN, w_KxN, meta, out_dtype):
     """dX = dY @ (w * m)^T through the dense oracle (backend interface)."""
-    w = w_KxN * _dense_mask(meta, w_KxN.dtype)
+    w = w_KxN * meta.dense_mask(w_KxN.dtype)
     return jnp.dot(dy_MxN, w.T, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def sddmm(x_MxK, dy_MxN, meta, out_dtype):
     """dW = (x^T @ dY) * m through the dense oracle (backend interface)."""
     dw = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32)
-    return (dw * _dense_mask(meta, jnp.float32)).astype(out_dtype)
+    return (dw * meta.dense_mask(jnp.float32)).astype(out_dtype)
