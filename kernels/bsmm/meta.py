@@ -140,6 +140,12 @@ class BlockMeta:
     def budget(self) -> BlockBudget:
         return BlockBudget(self.col_kidx_NbxT.shape[-1], self.row_nidx_KbxR.shape[-1])
 
+    def view(self, rows: bool = False) -> tuple[jax.Array, jax.Array]:
+        """``(index lists, real counts)``: the column view, or the row view with ``rows``."""
+        if rows:
+            return self.row_nidx_KbxR, self.row_count_Kb
+        return self.col_kidx_NbxT, self.col_count_Nb
+
     def dense_mask(self, dtype) -> jax.Array:
         """The computed block mask expanded to a ``[K, N]`` element mask of ``dtype``."""
         return expand_block_mask(jnp.asarray(self.block_mask_KbxNb).astype(dtype), self.block_size)

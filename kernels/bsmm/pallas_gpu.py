@@ -1,5 +1,9 @@
 """Pallas block-sparse kernels for GPU (Triton lowering).
 
+Dimension letters: x ``[M, K]``, W ``[K, N]`` (in-features x out-features), dY ``[M, N]``;
+B the block size, Kb = K/B and Nb = N/B, T and R the column and row budgets (meta.py),
+bm the row tile of M.
+
 The Triton lowering has no scalar prefetch (jax issue 18603), so the metadata travels as
 ordinary int32 input refs read inside the kernel, and each kernel loops over its row or
 column's real entries with a data-dependent trip count (padding is never touched):
@@ -8,6 +12,8 @@ column's real entries with a data-dependent trip count (padding is never touched
     dX       grid (M/bm, Kb):  dx[i, k] = sum_{r < count[k]} dY[i, nidx[k,r]] @ W[k, nidx[k,r]]^T
     dW       grid (Nb, T):     block (j, t) = x[:, kidx[j,t]]^T @ dY[:, j], reduced over M
 
+The forward and dX are one kernel (``_panel_kernel``): both walk one index list per output
+block column, and differ only in taking W's block (e, j) or its block (j, e) transposed.
 Each program holds a whole x row-panel (``bm x K``) or W column-panel (``K x B``) as its
 block and slices the needed B-wide block with ``pl.ds(pl.multiple_of(k * B, B), B)``; only
 those slices are loaded. dW comes out compact (``[Nb*T, B, B]``, padding blocks zero) and
@@ -34,6 +40,8 @@ from kernels.bsmm.meta import BlockMeta
 from kernels.common import flat_pow2, next_pow2, pad_rows, scatter_blocks
 
 _F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # dot_general dims of a @ b^T
+_TN = (((0,), (0,)), ((), ()))  # dot_general dims of a^T @ b
 
 
 def _tile_m(m: int, block_m: int | None) -> int:
@@ -46,32 +54,24 @@ def _params(b: int) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=8 if b >= 128 else 4, num_stages=2)
 
 
-def _fwd_kernel(kidx_ref, count_ref, x_ref, w_ref, y_ref, *, b: int, t: int):
+def _panel_kernel(idx_ref, count_ref, a_ref, w_ref, out_ref, *, b: int, width: int, w_t: bool):
+    """Output block (i, j) = sum over list j's real entries e of ``a[i, e] @ W_blk``.
+
+    ``W_blk`` is W's block (e, j) from the column panel (forward), or block (j, e) from the
+    row panel, transposed (``w_t``: dX), so both products walk their lists the same way.
+    """
     j = pl.program_id(1)
 
-    def body(i, acc):
-        start = pl.multiple_of(kidx_ref[j * t + i] * b, b)
-        x_blk = x_ref[:, pl.ds(start, b)]
-        w_blk = w_ref[pl.ds(start, b), :]
-        return acc + jnp.dot(x_blk, w_blk, preferred_element_type=_F32)
+    def body(r, acc):
+        start = pl.multiple_of(idx_ref[j * width + r] * b, b)
+        a_blk = a_ref[:, pl.ds(start, b)]
+        if w_t:
+            w_blk = w_ref[:, pl.ds(start, b)]
+            return acc + lax.dot_general(a_blk, w_blk, _NT, preferred_element_type=_F32)
+        return acc + jnp.dot(a_blk, w_ref[pl.ds(start, b), :], preferred_element_type=_F32)
 
-    acc = lax.fori_loop(0, count_ref[j], body, jnp.zeros(y_ref.shape, _F32))
-    y_ref[...] = acc.astype(y_ref.dtype)
-
-
-def _dx_kernel(nidx_ref, count_ref, dy_ref, w_ref, dx_ref, *, b: int, r: int):
-    k = pl.program_id(1)
-
-    def body(i, acc):
-        start = pl.multiple_of(nidx_ref[k * r + i] * b, b)
-        dy_blk = dy_ref[:, pl.ds(start, b)]
-        w_blk = w_ref[:, pl.ds(start, b)]
-        return acc + lax.dot_general(
-            dy_blk, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=_F32
-        )
-
-    acc = lax.fori_loop(0, count_ref[k], body, jnp.zeros(dx_ref.shape, _F32))
-    dx_ref[...] = acc.astype(dx_ref.dtype)
+    acc = lax.fori_loop(0, count_ref[j], body, jnp.zeros(out_ref.shape, _F32))
+    out_ref[...] = acc.astype(out_ref.dtype)
 
 
 def _dw_kernel(kidx_ref, count_ref, x_ref, dy_ref, dw_ref, *, b: int, t: int, bm: int, n_m: int):
@@ -82,9 +82,7 @@ def _dw_kernel(kidx_ref, count_ref, x_ref, dy_ref, dw_ref, *, b: int, t: int, bm
         rows = pl.ds(pl.multiple_of(mi * bm, bm), bm)
         x_blk = x_ref[rows, pl.ds(start, b)]
         dy_blk = dy_ref[rows, :]
-        return acc + lax.dot_general(
-            x_blk, dy_blk, (((0,), (0,)), ((), ())), preferred_element_type=_F32
-        )
+        return acc + lax.dot_general(x_blk, dy_blk, _TN, preferred_element_type=_F32)
 
     # Padding entries run zero iterations and store a zero block.
     n_iter = jnp.where(s < count_ref[j], n_m, 0)
@@ -92,58 +90,46 @@ def _dw_kernel(kidx_ref, count_ref, x_ref, dy_ref, dw_ref, *, b: int, t: int, bm
     dw_ref[...] = acc.astype(dw_ref.dtype)
 
 
-def matmul(x_MxK, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
-    """Forward ``x @ W_sparse`` (backend interface)."""
+def _panels(a_MxP, w_KxN, meta: BlockMeta, out_dtype, *, w_t: bool, interpret=False,
+            block_m=None):
+    """``a @ W_sparse`` over the column view, or ``a @ W_sparse^T`` over the row view (``w_t``).
+
+    ``a`` is ``[M, P]`` (P = K forward, N for dX) and the result ``[M, Q]`` (Q = N forward,
+    K for dX; one index list per output block column); program (i, j) holds a's row tile
+    and W's panel j.
+    """
     b = meta.block_size
-    m, k = x_MxK.shape
-    n = w_KxN.shape[1]
-    t = meta.col_kidx_NbxT.shape[1]
+    idx_QbxW, count_Qb = meta.view(rows=w_t)
+    m, p = a_MxP.shape
+    q = idx_QbxW.shape[0] * b
     bm = _tile_m(m, block_m)
-    x_p = pad_rows(x_MxK, bm)
-    kidx, count = flat_pow2(meta.col_kidx_NbxT), flat_pow2(meta.col_count_Nb)
-    y = pl.pallas_call(
-        functools.partial(_fwd_kernel, b=b, t=t),
-        grid=(x_p.shape[0] // bm, n // b),
+    a_p = pad_rows(a_MxP, bm)
+    idx, count = flat_pow2(idx_QbxW), flat_pow2(count_Qb)
+    if w_t:  # dX: output block j is W's row panel j
+        w_spec = pl.BlockSpec((b, w_KxN.shape[1]), lambda i, j: (j, 0))
+    else:  # forward: output block j is W's column panel j
+        w_spec = pl.BlockSpec((w_KxN.shape[0], b), lambda i, j: (0, j))
+    out = pl.pallas_call(
+        functools.partial(_panel_kernel, b=b, width=idx_QbxW.shape[1], w_t=w_t),
+        grid=(a_p.shape[0] // bm, q // b),
         in_specs=[
-            pl.BlockSpec(kidx.shape, lambda i, j: (0,)),
+            pl.BlockSpec(idx.shape, lambda i, j: (0,)),
             pl.BlockSpec(count.shape, lambda i, j: (0,)),
-            pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-            pl.BlockSpec((k, b), lambda i, j: (0, j)),
+            pl.BlockSpec((bm, p), lambda i, j: (i, 0)),
+            w_spec,
         ],
         out_specs=pl.BlockSpec((bm, b), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((x_p.shape[0], n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((a_p.shape[0], q), out_dtype),
         compiler_params=_params(b),
         interpret=interpret,
-        name="bsmm_fwd",
-    )(kidx, count, x_p, w_KxN)
-    return y[:m]
+        name="bsmm_dx" if w_t else "bsmm_fwd",
+    )(idx, count, a_p, w_KxN)
+    return out[:m]
 
 
-def matmul_t(dy_MxN, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
-    """dX = ``dY @ W_sparse^T`` over the row view (backend interface)."""
-    b = meta.block_size
-    m, n = dy_MxN.shape
-    k = w_KxN.shape[0]
-    r = meta.row_nidx_KbxR.shape[1]
-    bm = _tile_m(m, block_m)
-    dy_p = pad_rows(dy_MxN, bm)
-    nidx, count = flat_pow2(meta.row_nidx_KbxR), flat_pow2(meta.row_count_Kb)
-    dx = pl.pallas_call(
-        functools.partial(_dx_kernel, b=b, r=r),
-        grid=(dy_p.shape[0] // bm, k // b),
-        in_specs=[
-            pl.BlockSpec(nidx.shape, lambda i, kk: (0,)),
-            pl.BlockSpec(count.shape, lambda i, kk: (0,)),
-            pl.BlockSpec((bm, n), lambda i, kk: (i, 0)),
-            pl.BlockSpec((b, n), lambda i, kk: (kk, 0)),
-        ],
-        out_specs=pl.BlockSpec((bm, b), lambda i, kk: (i, kk)),
-        out_shape=jax.ShapeDtypeStruct((dy_p.shape[0], k), out_dtype),
-        compiler_params=_params(b),
-        interpret=interpret,
-        name="bsmm_dx",
-    )(nidx, count, dy_p, w_KxN)
-    return dx[:m]
+# The backend interface: the forward walks the column view, dX the row view (W transposed).
+matmul = functools.partial(_panels, w_t=False)
+matmul_t = functools.partial(_panels, w_t=True)
 
 
 def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):

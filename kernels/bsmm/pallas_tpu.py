@@ -1,5 +1,9 @@
 """Pallas block-sparse kernels for TPU (Mosaic), with scalar prefetch.
 
+Dimension letters: x ``[M, K]``, W ``[K, N]`` (in-features x out-features), dY ``[M, N]``;
+B the block size, Kb = K/B and Nb = N/B, T and R the column and row budgets (meta.py),
+bm the row tile of M.
+
 As in JAX's block-sparse TPU tutorial, the index lists are scalar-prefetched into SMEM and
 the BlockSpec index maps read them, so the pipeline DMAs exactly the blocks named by the
 metadata; the innermost grid axis walks a column's (row's) budget and accumulates in a VMEM
@@ -9,9 +13,11 @@ fp32 scratch:
     dX       grid (M/bm, Kb, R):  dY block (i, nidx[k,s]), W block (k, nidx[k,s]) -> dx (i, k)
     dW       grid (Nb, T, M/bm):  x block (m, kidx[j,s]), dY block (m, j) -> compact (j, s)
 
-Padding entries repeat the previous block index, so the pipeline sees no change and issues
+The forward and dX are one kernel (``_panel_kernel``, W's block (e, j) or (j, e)
+transposed), and every kernel runs the same zero / accumulate / store steps
+(``_accumulate``). Padding entries repeat the previous block index, so the pipeline sees no change and issues
 no copy, and ``pl.when(s < count)`` skips their compute. dW is written compact
-(``[Nb*T, B, B]``) and scattered into the dense layout by XLA (shared with the GPU path):
+(``[Nb*T, B, B]``) and scattered into the dense layout by XLA (common.scatter_blocks):
 writing straight into dense dW would leave never-visited blocks uninitialised.
 
 On a real TPU, blocks must be lane-aligned: B a multiple of 128 (checked) and ``bm`` a
@@ -34,6 +40,8 @@ from kernels.bsmm.meta import BlockMeta
 from kernels.common import pad_rows, scatter_blocks
 
 _F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # dot_general dims of a @ b^T
+_TN = (((0,), (0,)), ((), ()))  # dot_general dims of a^T @ b
 
 
 def _tile_m(m: int, block_m: int | None) -> int:
@@ -53,117 +61,93 @@ def _params(*semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _fwd_kernel(kidx_ref, count_ref, x_ref, w_ref, y_ref, acc_ref, *, t: int):
+def _accumulate(acc_ref, out_ref, product, *, first, live, last):
+    """The reduction every kernel here runs along its innermost grid axis: zero the fp32
+    scratch at the ``first`` step, add ``product()`` on ``live`` steps, store at ``last``."""
+
+    @pl.when(first)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(live)
+    def _():
+        acc_ref[...] += product()
+
+    @pl.when(last)
+    def _():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _panel_kernel(idx_ref, count_ref, a_ref, w_ref, out_ref, acc_ref, *, width: int, w_t: bool):
+    """Output block (i, j) += ``a`` block @ W block (W^T block when ``w_t``: dX) for step s."""
     j, s = pl.program_id(1), pl.program_id(2)
+    del idx_ref  # consumed by the index maps
 
-    @pl.when(s == 0)
-    def _():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+    def product():
+        if w_t:
+            return lax.dot_general(a_ref[...], w_ref[...], _NT, preferred_element_type=_F32)
+        return jnp.dot(a_ref[...], w_ref[...], preferred_element_type=_F32)
 
-    @pl.when(s < count_ref[j])
-    def _():
-        acc_ref[...] += jnp.dot(x_ref[...], w_ref[...], preferred_element_type=_F32)
-
-    @pl.when(s == t - 1)
-    def _():
-        y_ref[...] = acc_ref[...].astype(y_ref.dtype)
-
-
-def _dx_kernel(nidx_ref, count_ref, dy_ref, w_ref, dx_ref, acc_ref, *, r: int):
-    k, s = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(s == 0)
-    def _():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    @pl.when(s < count_ref[k])
-    def _():
-        acc_ref[...] += lax.dot_general(
-            dy_ref[...], w_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
-        )
-
-    @pl.when(s == r - 1)
-    def _():
-        dx_ref[...] = acc_ref[...].astype(dx_ref.dtype)
+    _accumulate(acc_ref, out_ref, product, first=s == 0, live=s < count_ref[j],
+                last=s == width - 1)
 
 
 def _dw_kernel(kidx_ref, count_ref, x_ref, dy_ref, dw_ref, acc_ref, *, n_m: int):
     j, s, mi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     del kidx_ref
 
-    @pl.when(mi == 0)
-    def _():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+    def product():
+        return lax.dot_general(x_ref[...], dy_ref[...], _TN, preferred_element_type=_F32)
 
-    @pl.when(s < count_ref[j])
-    def _():
-        acc_ref[...] += lax.dot_general(
-            x_ref[...], dy_ref[...], (((0,), (0,)), ((), ())), preferred_element_type=_F32
-        )
-
-    @pl.when(mi == n_m - 1)
-    def _():
-        dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
+    # Padding entries never accumulate, so they store a zero block.
+    _accumulate(acc_ref, dw_ref, product, first=mi == 0, live=s < count_ref[j],
+                last=mi == n_m - 1)
 
 
-def matmul(x_MxK, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
-    """Forward ``x @ W_sparse`` (backend interface)."""
+def _panels(a_MxP, w_KxN, meta: BlockMeta, out_dtype, *, w_t: bool, interpret=False,
+            block_m=None):
+    """``a @ W_sparse`` over the column view, or ``a @ W_sparse^T`` over the row view (``w_t``).
+
+    ``a`` is ``[M, P]`` (P = K forward, N for dX), the result ``[M, Q]`` (Q = N or K); grid
+    (M/bm, Qb, W): step s of output block j DMAs a's block (i, e) and W's block (e, j), or
+    (j, e) for dX, with e = idx[j, s].
+    """
     b = meta.block_size
     _check(b, interpret)
-    m = x_MxK.shape[0]
-    n = w_KxN.shape[1]
-    t = meta.col_kidx_NbxT.shape[1]
+    idx_QbxW, count_Qb = meta.view(rows=w_t)
+    m = a_MxP.shape[0]
+    q, width = idx_QbxW.shape[0] * b, idx_QbxW.shape[1]
     bm = _tile_m(m, block_m)
-    x_p = pad_rows(x_MxK, bm)
+    a_p = pad_rows(a_MxP, bm)
+
+    def w_block(i, j, s, idx, cnt):
+        e = idx[j * width + s]
+        return (j, e) if w_t else (e, j)
+
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(x_p.shape[0] // bm, n // b, t),
+        grid=(a_p.shape[0] // bm, q // b, width),
         in_specs=[
-            pl.BlockSpec((bm, b), lambda i, j, s, kidx, cnt: (i, kidx[j * t + s])),
-            pl.BlockSpec((b, b), lambda i, j, s, kidx, cnt: (kidx[j * t + s], j)),
+            pl.BlockSpec((bm, b), lambda i, j, s, idx, cnt: (i, idx[j * width + s])),
+            pl.BlockSpec((b, b), w_block),
         ],
-        out_specs=pl.BlockSpec((bm, b), lambda i, j, s, kidx, cnt: (i, j)),
+        out_specs=pl.BlockSpec((bm, b), lambda i, j, s, idx, cnt: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, b), _F32)],
     )
-    y = pl.pallas_call(
-        functools.partial(_fwd_kernel, t=t),
+    out = pl.pallas_call(
+        functools.partial(_panel_kernel, width=width, w_t=w_t),
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((x_p.shape[0], n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((a_p.shape[0], q), out_dtype),
         compiler_params=_params("parallel", "parallel", "arbitrary"),
         interpret=interpret,
-        name="bsmm_fwd_tpu",
-    )(meta.col_kidx_NbxT.reshape(-1), meta.col_count_Nb, x_p, w_KxN)
-    return y[:m]
+        name="bsmm_dx_tpu" if w_t else "bsmm_fwd_tpu",
+    )(idx_QbxW.reshape(-1), count_Qb, a_p, w_KxN)
+    return out[:m]
 
 
-def matmul_t(dy_MxN, w_KxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
-    """dX = ``dY @ W_sparse^T`` over the row view (backend interface)."""
-    b = meta.block_size
-    _check(b, interpret)
-    m = dy_MxN.shape[0]
-    k = w_KxN.shape[0]
-    r = meta.row_nidx_KbxR.shape[1]
-    bm = _tile_m(m, block_m)
-    dy_p = pad_rows(dy_MxN, bm)
-    spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(dy_p.shape[0] // bm, k // b, r),
-        in_specs=[
-            pl.BlockSpec((bm, b), lambda i, kk, s, nidx, cnt: (i, nidx[kk * r + s])),
-            pl.BlockSpec((b, b), lambda i, kk, s, nidx, cnt: (kk, nidx[kk * r + s])),
-        ],
-        out_specs=pl.BlockSpec((bm, b), lambda i, kk, s, nidx, cnt: (i, kk)),
-        scratch_shapes=[pltpu.VMEM((bm, b), _F32)],
-    )
-    dx = pl.pallas_call(
-        functools.partial(_dx_kernel, r=r),
-        grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((dy_p.shape[0], k), out_dtype),
-        compiler_params=_params("parallel", "parallel", "arbitrary"),
-        interpret=interpret,
-        name="bsmm_dx_tpu",
-    )(meta.row_nidx_KbxR.reshape(-1), meta.row_count_Kb, dy_p, w_KxN)
-    return dx[:m]
+# The backend interface: the forward walks the column view, dX the row view (W transposed).
+matmul = functools.partial(_panels, w_t=False)
+matmul_t = functools.partial(_panels, w_t=True)
 
 
 def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
