@@ -114,18 +114,18 @@ def test_make_block_meta_hand_computed():
 
 
 def test_budget_forms_and_the_layer_call_style():
-    """``max_blocks=`` alias (as SparseDense calls it), int totals, and the default budgets."""
+    """``budget=`` by keyword (as SparseDense calls it), int totals, and the default budgets."""
     mask = np.zeros((64, 96), bool)
     mask[:16, :16] = mask[32:48, :16] = mask[:16, 80:] = True  # blocks (0,0), (2,0), (0,5)
     budget = kernels.block_budget(64, 96, 16, 0.5)
-    meta = kernels.make_block_meta(mask, block_size=16, max_blocks=budget)
+    meta = kernels.make_block_meta(mask, block_size=16, budget=budget)
     assert meta.budget == (2, 6)
     assert kernels.make_block_meta(mask, 16, 3).budget == (3, 3)  # int: per-layer total
     assert kernels.make_block_meta(mask, 16).budget == (2, 2)  # concrete: tightest
     traced = jax.jit(lambda m: kernels.make_block_meta(m, 16).col_kidx_NbxT)(mask)
     assert traced.shape == (6, 4)  # traced, no budget: full Kb per column
-    with pytest.raises(ValueError, match="not both"):
-        kernels.make_block_meta(mask, 16, budget, max_blocks=budget)
+    with pytest.raises(TypeError, match="max_blocks"):  # one name for the budget: budget=
+        kernels.make_block_meta(mask, 16, max_blocks=budget)
 
 
 def test_block_budget():

@@ -260,7 +260,6 @@ def make_block_meta(
     *,
     block_mask: bool = False,
     frozen: bool = False,
-    max_blocks: BlockBudget | int | None = None,
     on_overflow: str = "raise",
 ) -> BlockMeta | FrozenBlockMeta:
     """Builds block-sparse metadata from a mask; jittable, shapes fixed by the budget.
@@ -280,7 +279,6 @@ def make_block_meta(
       block_mask: ``True`` if ``mask`` is a ``[Kb, Nb]`` block mask; default ``[K, N]``.
       frozen: return a ``FrozenBlockMeta`` (static slices at trace time); ``mask`` must then be
         concrete and ``budget`` is ignored.
-      max_blocks: alias of ``budget`` (the name the model layer uses).
       on_overflow: ``"raise"`` (default) raises for a concrete mask that exceeds the budget;
         ``"truncate"`` truncates it as a traced mask always is (e.g. an eager ``init`` with an
         all-ones mask under a sparse budget).
@@ -297,10 +295,6 @@ def make_block_meta(
         raise ValueError(f"mask must be 2-D ([K, N] or [Kb, Nb]); got shape {mask.shape}.")
     if on_overflow not in ("raise", "truncate"):
         raise ValueError(f"on_overflow={on_overflow!r}: use 'raise' or 'truncate'.")
-    if max_blocks is not None:
-        if budget is not None:
-            raise ValueError("pass the budget once: budget= or max_blocks=, not both.")
-        budget = max_blocks
     if block_mask:
         kb, nb = mask.shape
     else:

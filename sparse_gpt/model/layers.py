@@ -159,7 +159,7 @@ def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, block_density, backend
                                   block_density)
 
     def local(x_xK, kernel_KxN, mask_KxN):
-        meta = kernels.make_block_meta(mask_KxN, block_size=block_size, max_blocks=budget)
+        meta = kernels.make_block_meta(mask_KxN, block_size=block_size, budget=budget)
         return kernels.block_sparse_matmul(x_xK, kernel_KxN, meta, backend=backend)
 
     axes = _batch_axes(x_xK.shape[0])
