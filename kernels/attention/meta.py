@@ -1,6 +1,6 @@
 """Static block metadata of a sparse attention pattern, for the block-sparse attention kernels.
 
-Terms (``L`` sequence length, ``B`` the block size, square blocks):
+Dimension letters (``L`` sequence length, ``B`` the block size, square blocks):
 
     Lb = L // B        query blocks (rows) and key blocks (columns)
     T  = the most key blocks any query block attends to      (row budget)

@@ -1,18 +1,25 @@
 """Public block-sparse attention: ``softmax(q k^T, pattern) v`` on the pattern's blocks only.
 
-Every backend implements the same two functions on ``[N, L, D]`` (N = batch x heads):
+Dimension letters: the public op takes the model's layout ``[batch, L, heads, D]``
+(``jax.nn.dot_product_attention``'s); backends work on ``[G, L, D]``, one attention problem
+per group G = batch x heads. L is the sequence length, D the head dimension, B the (square)
+block size and Lb = L // B; T and S are the row and column budgets (kernels/attention/meta.py).
+
+A backend is an ``AttentionBackend`` of two functions on ``[G, L, D]``:
 
     forward(q, k, v, meta, mask_fn, scale)                      -> (o, lse)
     backward(q, k, v, lse, dO, delta, meta, mask_fn, scale)     -> (dq, dk, dv)
 
-and ``block_sparse_attention`` wires them into one ``jax.custom_vjp`` (the backward
-recomputes the probabilities from the saved log-sum-exp), so ``jax.grad`` works for all of
-them, including the Pallas kernels (``pallas_call`` has no JVP rule).
+(plus ``interpret=`` when ``takes_interpret``), and ``block_sparse_attention`` wires them into
+one ``jax.custom_vjp`` (the backward recomputes the probabilities from the saved
+log-sum-exp), so ``jax.grad`` works for all of them, including the Pallas kernels
+(``pallas_call`` has no JVP rule).
 
-Backends: ``"pallas_gpu"`` (Triton), ``"xla"`` (per-row gathers of the pattern's key/value
-blocks; the CPU default) and ``"reference"`` (dense masked oracle). ``"auto"`` picks
-pallas_gpu on GPU, else xla; the environment variable ``SPARSE_GPT_ATTN_BACKEND`` overrides
-``"auto"``. There is no TPU kernel yet: on TPU ``"auto"`` gives xla.
+Built-in backends: ``"pallas_gpu"`` (Triton), ``"xla"`` (per-row gathers of the pattern's
+key/value blocks; the CPU default) and ``"reference"`` (dense masked oracle). ``"auto"``
+picks pallas_gpu on GPU, else xla; the environment variable ``SPARSE_GPT_ATTN_BACKEND``
+overrides ``"auto"``. There is no TPU kernel yet: on TPU ``"auto"`` gives xla.
+``register_attention_backend`` adds one from outside the package.
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ def _attention_fwd(q, k, v, mask_fn, block_size, scale, impl, interpret):
 def _attention_bwd(mask_fn, block_size, scale, impl, interpret, res, do):
     q, k, v, o, lse = res
     meta = attention_meta(mask_fn, q.shape[1], block_size)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)   # [N, L]
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)   # [G, L]
     (backward,) = bind_interpret((impl.backward,), impl.takes_interpret, interpret)
     dq, dk, dv = backward(q, k, v, lse, do, delta, meta, mask_fn, scale)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
@@ -108,13 +115,14 @@ def _attention_bwd(mask_fn, block_size, scale, impl, interpret, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _to_nld(x_BxLxHxK: jax.Array) -> jax.Array:
-    b, seq_len, h, d = x_BxLxHxK.shape
-    return x_BxLxHxK.transpose(0, 2, 1, 3).reshape(b * h, seq_len, d)
+def _to_groups(x_BxLxHxD: jax.Array) -> jax.Array:
+    """``[batch, L, heads, D]`` -> ``[G, L, D]``."""
+    batch, seq_len, h, d = x_BxLxHxD.shape
+    return x_BxLxHxD.transpose(0, 2, 1, 3).reshape(batch * h, seq_len, d)
 
 
-def block_sparse_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
-                           mask_fn, *, block_size: int = 64, scale: float | None = None,
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_fn, *,
+                           block_size: int = 64, scale: float | None = None,
                            backend: str = "auto", interpret=False) -> jax.Array:
     """Attention restricted to a static pattern, computing only its non-empty blocks.
 
@@ -124,33 +132,33 @@ def block_sparse_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK
     the output has the dtype of ``q``.
 
     Args:
-      q_BxLxHxK: queries ``[batch, L, heads, head_dim]`` (``jax.nn.dot_product_attention``'s
-        layout); ``k`` and ``v`` the same shape (dtypes are promoted to a common one).
-      k_BxLxHxK: keys.
-      v_BxLxHxK: values.
+      q: queries ``[batch, L, heads, D]`` (``jax.nn.dot_product_attention``'s layout);
+        ``k`` and ``v`` the same shape (dtypes are promoted to a common one).
+      k: keys.
+      v: values.
       mask_fn: hashable pattern ``(q_pos, k_pos) -> bool`` (kernels/attention/meta.py); it
         must include causality if wanted.
       block_size: square block edge B, a power of two in [16, 256] dividing L.
-      scale: score scale, default ``head_dim ** -0.5``.
-      backend: ``"auto"``, ``"pallas_gpu"``, ``"xla"`` or ``"reference"``.
+      scale: score scale, default ``D ** -0.5``.
+      backend: ``"auto"``, a built-in name (``"pallas_gpu"``, ``"xla"``, ``"reference"``) or
+        one given to ``register_attention_backend``.
       interpret: run Pallas kernels in interpret mode (required on CPU).
 
     Returns:
-      ``[batch, L, heads, head_dim]``.
+      ``[batch, L, heads, D]``.
 
     Raises:
       ValueError: mismatched shapes, L not a multiple of B, unsupported B, unknown backend.
     """
-    if not q_BxLxHxK.shape == k_BxLxHxK.shape == v_BxLxHxK.shape or q_BxLxHxK.ndim != 4:
+    if not q.shape == k.shape == v.shape or q.ndim != 4:
         raise ValueError(f"q, k, v must share one [batch, L, heads, head_dim] shape; got "
-                         f"{q_BxLxHxK.shape}, {k_BxLxHxK.shape}, {v_BxLxHxK.shape}.")
-    b, seq_len, h, d = q_BxLxHxK.shape
+                         f"{q.shape}, {k.shape}, {v.shape}.")
+    batch, seq_len, h, d = q.shape
     attention_meta(mask_fn, seq_len, block_size)   # validates L and B, warms the cache
-    dtype = jnp.result_type(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxHxK,
-                                                                 v_BxLxHxK))
+    dtype = jnp.result_type(q, k, v)
     impl = _REGISTRY.get(backend)
     scale = float(d ** -0.5 if scale is None else scale)
-    out = _attention(*(_to_nld(x) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)), mask_fn,
-                     int(block_size), scale, impl, interpret)
-    return out.reshape(b, h, seq_len, d).transpose(0, 2, 1, 3)
+    q_GxLxD, k_GxLxD, v_GxLxD = (_to_groups(x.astype(dtype)) for x in (q, k, v))
+    out_GxLxD = _attention(q_GxLxD, k_GxLxD, v_GxLxD, mask_fn, int(block_size), scale, impl,
+                           interpret)
+    return out_GxLxD.reshape(batch, h, seq_len, d).transpose(0, 2, 1, 3)

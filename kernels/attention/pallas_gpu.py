@@ -1,15 +1,16 @@
 """Pallas block-sparse attention for GPU (Triton lowering), FlashAttention-2 style.
 
-Layout ``[N, L, D]`` (N = batch x heads); one program per (n, block). As in
-kernels/bsmm/pallas_gpu.py the Triton lowering has no scalar prefetch (jax issue 18603), so the
-block lists travel as int32 input refs, each program holds the whole ``[L, D]`` panel of the
+Dimension letters: ``[G, L, D]`` (G = batch x heads, L sequence length, D head dimension);
+B the block size, Lb = L // B. One program per (group, block). As for the matmul
+(kernels/bsmm/pallas_gpu.py) the Triton lowering has no scalar prefetch (jax issue 18603), so
+the block lists travel as int32 input refs, each program holds the whole ``[L, D]`` panel of the
 operand it walks and slices the blocks it needs with ``pl.ds(pl.multiple_of(j * B, B), B)``,
 and the loop trip count is the row's (column's) real entry count, so skipped blocks cost
 nothing and padding is never touched:
 
-    forward  grid (N, Lb):  online softmax over the row's key blocks -> o_i, lse_i
-    dQ       grid (N, Lb):  dq_i  = sum_j (p_ij * (dO_i v_j^T - delta_i)) k_j * scale
-    dK, dV   grid (N, Lb):  over the column's query blocks i:
+    forward  grid (G, Lb):  online softmax over the row's key blocks -> o_i, lse_i
+    dQ       grid (G, Lb):  dq_i  = sum_j (p_ij * (dO_i v_j^T - delta_i)) k_j * scale
+    dK, dV   grid (G, Lb):  over the column's query blocks i:
                             dv_j += p_ij^T dO_i,  dk_j += ds_ij^T q_i * scale
 
 ``p`` is recomputed in the backward from the saved log-sum-exp; ``delta = rowsum(dO * O)``
@@ -128,71 +129,71 @@ def _dkdv_kernel(qidx_ref, count_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delt
 
 
 def _row_spec(b, d):
-    return pl.BlockSpec((None, b, d), lambda n, i: (n, i, 0))
+    return pl.BlockSpec((None, b, d), lambda g, i: (g, i, 0))
 
 
 def _panel_spec(seq_len, d):
-    return pl.BlockSpec((None, seq_len, d), lambda n, i: (n, 0, 0))
+    return pl.BlockSpec((None, seq_len, d), lambda g, i: (g, 0, 0))
 
 
 def _index_specs(*arrays):
-    return [pl.BlockSpec(a.shape, lambda n, i: (0,)) for a in arrays]
+    return [pl.BlockSpec(a.shape, lambda g, i: (0,)) for a in arrays]
 
 
-def forward(q_NxLxD, k_NxLxD, v_NxLxD, meta: AttentionMeta, mask_fn, scale, *,
+def forward(q_GxLxD, k_GxLxD, v_GxLxD, meta: AttentionMeta, mask_fn, scale, *,
             interpret=False):
-    """``(out [N, L, D], lse [N, L] fp32)`` (backend interface)."""
-    n, seq_len, d = q_NxLxD.shape
+    """``(out [G, L, D], lse [G, L] fp32)`` (backend interface)."""
+    g, seq_len, d = q_GxLxD.shape
     b, lb = meta.block_size, seq_len // meta.block_size
     kidx, count = flat_pow2(meta.row_kidx_LbxT), flat_pow2(meta.row_count_Lb)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, b=b, t=meta.row_kidx_LbxT.shape[1], scale=scale,
                           mask_fn=mask_fn),
-        grid=(n, lb),
+        grid=(g, lb),
         in_specs=[*_index_specs(kidx, count), _row_spec(b, d), _panel_spec(seq_len, d),
                   _panel_spec(seq_len, d)],
-        out_specs=[_row_spec(b, d), pl.BlockSpec((None, b), lambda n_, i: (n_, i))],
-        out_shape=[jax.ShapeDtypeStruct((n, seq_len, d), q_NxLxD.dtype),
-                   jax.ShapeDtypeStruct((n, seq_len), _F32)],
+        out_specs=[_row_spec(b, d), pl.BlockSpec((None, b), lambda g_, i: (g_, i))],
+        out_shape=[jax.ShapeDtypeStruct((g, seq_len, d), q_GxLxD.dtype),
+                   jax.ShapeDtypeStruct((g, seq_len), _F32)],
         compiler_params=_params(b, d),
         interpret=interpret,
         name="bsattn_fwd",
-    )(kidx, count, q_NxLxD, k_NxLxD, v_NxLxD)
+    )(kidx, count, q_GxLxD, k_GxLxD, v_GxLxD)
 
 
-def backward(q_NxLxD, k_NxLxD, v_NxLxD, lse_NxL, do_NxLxD, delta_NxL, meta: AttentionMeta,
+def backward(q_GxLxD, k_GxLxD, v_GxLxD, lse_GxL, do_GxLxD, delta_GxL, meta: AttentionMeta,
              mask_fn, scale, *, interpret=False):
     """``(dq, dk, dv)`` in the input dtypes: a dQ kernel (rows) and a dK/dV kernel (columns)."""
-    n, seq_len, d = q_NxLxD.shape
+    g, seq_len, d = q_GxLxD.shape
     b, lb = meta.block_size, seq_len // meta.block_size
-    do = do_NxLxD.astype(q_NxLxD.dtype)
-    vec_row = pl.BlockSpec((None, b), lambda n_, i: (n_, i))
-    vec_panel = pl.BlockSpec((None, seq_len), lambda n_, i: (n_, 0))
+    do = do_GxLxD.astype(q_GxLxD.dtype)
+    vec_row = pl.BlockSpec((None, b), lambda g_, i: (g_, i))
+    vec_panel = pl.BlockSpec((None, seq_len), lambda g_, i: (g_, 0))
     kidx, kcount = flat_pow2(meta.row_kidx_LbxT), flat_pow2(meta.row_count_Lb)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, b=b, t=meta.row_kidx_LbxT.shape[1], scale=scale,
                           mask_fn=mask_fn),
-        grid=(n, lb),
+        grid=(g, lb),
         in_specs=[*_index_specs(kidx, kcount), _row_spec(b, d), _panel_spec(seq_len, d),
                   _panel_spec(seq_len, d), _row_spec(b, d), vec_row, vec_row],
         out_specs=_row_spec(b, d),
-        out_shape=jax.ShapeDtypeStruct((n, seq_len, d), q_NxLxD.dtype),
+        out_shape=jax.ShapeDtypeStruct((g, seq_len, d), q_GxLxD.dtype),
         compiler_params=_params(b, d),
         interpret=interpret,
         name="bsattn_dq",
-    )(kidx, kcount, q_NxLxD, k_NxLxD, v_NxLxD, do, lse_NxL, delta_NxL)
+    )(kidx, kcount, q_GxLxD, k_GxLxD, v_GxLxD, do, lse_GxL, delta_GxL)
     qidx, qcount = flat_pow2(meta.col_qidx_LbxS), flat_pow2(meta.col_count_Lb)
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, b=b, s_max=meta.col_qidx_LbxS.shape[1], scale=scale,
                           mask_fn=mask_fn),
-        grid=(n, lb),
+        grid=(g, lb),
         in_specs=[*_index_specs(qidx, qcount), _row_spec(b, d), _row_spec(b, d),
                   _panel_spec(seq_len, d), _panel_spec(seq_len, d), vec_panel, vec_panel],
         out_specs=[_row_spec(b, d), _row_spec(b, d)],
-        out_shape=[jax.ShapeDtypeStruct((n, seq_len, d), k_NxLxD.dtype),
-                   jax.ShapeDtypeStruct((n, seq_len, d), v_NxLxD.dtype)],
+        out_shape=[jax.ShapeDtypeStruct((g, seq_len, d), k_GxLxD.dtype),
+                   jax.ShapeDtypeStruct((g, seq_len, d), v_GxLxD.dtype)],
         compiler_params=_params(b, d),
         interpret=interpret,
         name="bsattn_dkdv",
-    )(qidx, qcount, k_NxLxD, v_NxLxD, q_NxLxD, do, lse_NxL, delta_NxL)
+    )(qidx, qcount, k_GxLxD, v_GxLxD, q_GxLxD, do, lse_GxL, delta_GxL)
     return dq, dk, dv

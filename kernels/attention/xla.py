@@ -1,6 +1,8 @@
 """Pure-XLA block-sparse attention: the CPU default (also runs on GPU/TPU).
 
-Layout ``[N, L, D]`` (N = batch x heads). Per query block ``i`` the key/value blocks of its
+Dimension letters: ``[G, L, D]`` (G = batch x heads, L sequence length, D head dimension);
+B the block size, Lb = L // B, R the rows of one row group and ``w`` its width in blocks
+(WB = w * B gathered positions). Per query block ``i`` the key/value blocks of its
 row (``meta.row_kidx_LbxT[i]``, static numpy) are gathered into one ``[w*B, D]`` slab, so the
 scores are one batched GEMM of ``[B, D] x [D, w*B]`` per row and nothing outside the
 pattern's blocks is computed or stored:
@@ -10,7 +12,7 @@ pattern's blocks is computed or stored:
     dK, dV    the column view: per key block j, its query blocks gathered ->
               dv_j = p^T dO_col, dk_j = (p * (dO_col v_j^T - delta_col))^T Q_col * scale
 
-Rows are bucketed by their block count (``attention_meta.row_groups``: at most 8 static
+Rows are bucketed by their block count (``meta.row_groups``: at most 8 static
 widths ``w``), because causal strided patterns have counts growing from 1 to T and one
 budget for all rows would compute about twice the blocks. The backward recomputes ``p`` from
 the saved log-sum-exp (FlashAttention-2 style) in two passes, so dK/dV need no scatter-add:
@@ -30,23 +32,23 @@ _F32 = jnp.float32
 _NEG = -1e30  # finite "minus infinity": masked scores never produce inf - inf = nan
 
 
-def _blocks(x_NxL: jax.Array, b: int) -> jax.Array:
-    """``[N, L, ...]`` -> ``[N, Lb, B, ...]``."""
-    n, seq_len = x_NxL.shape[:2]
-    return x_NxL.reshape(n, seq_len // b, b, *x_NxL.shape[2:])
+def _blocks(x_GxL: jax.Array, b: int) -> jax.Array:
+    """``[G, L, ...]`` -> ``[G, Lb, B, ...]``."""
+    g, seq_len = x_GxL.shape[:2]
+    return x_GxL.reshape(g, seq_len // b, b, *x_GxL.shape[2:])
 
 
-def _gather(x_NxLbxB: jax.Array, idx_RxW: np.ndarray) -> jax.Array:
-    """Blocks ``idx`` of each of R rows, concatenated: ``[N, R, W*B, ...]``."""
-    g = x_NxLbxB[:, idx_RxW]
-    return g.reshape(g.shape[0], g.shape[1], g.shape[2] * g.shape[3], *g.shape[4:])
+def _gather(x_GxLbxB: jax.Array, idx_RxW: np.ndarray) -> jax.Array:
+    """Blocks ``idx`` of each of R rows, concatenated: ``[G, R, W*B, ...]``."""
+    sel = x_GxLbxB[:, idx_RxW]
+    return sel.reshape(sel.shape[0], sel.shape[1], sel.shape[2] * sel.shape[3], *sel.shape[4:])
 
 
 def _by_groups(fn, idx_LbxT, count_Lb, mask_fn, b, transpose, *operands):
     """Runs ``fn(rows, idx, mask, *operands)`` per row group and restores the row order.
 
-    ``fn`` returns a tuple of ``[N, R, ...]`` arrays for its R rows; the results come back as
-    ``[N, Lb, ...]``.
+    ``fn`` returns a tuple of ``[G, R, ...]`` arrays for its R rows; the results come back as
+    ``[G, Lb, ...]``.
     """
     outs, order = [], []
     for rows, width in row_groups(count_Lb):
@@ -58,54 +60,54 @@ def _by_groups(fn, idx_LbxT, count_Lb, mask_fn, b, transpose, *operands):
     return tuple(jnp.concatenate(parts, axis=1)[:, inverse] for parts in zip(*outs))
 
 
-def forward(q_NxLxD, k_NxLxD, v_NxLxD, meta: AttentionMeta, mask_fn, scale):
-    """``(out [N, L, D], lse [N, L] fp32)`` over the row view (backend interface)."""
+def forward(q_GxLxD, k_GxLxD, v_GxLxD, meta: AttentionMeta, mask_fn, scale):
+    """``(out [G, L, D], lse [G, L] fp32)`` over the row view (backend interface)."""
     b = meta.block_size
-    n, seq_len, d = q_NxLxD.shape
+    g, seq_len, d = q_GxLxD.shape
 
     def rows_fwd(rows, idx, mask, q_b, k_b, v_b):
-        k_g, v_g = _gather(k_b, idx), _gather(v_b, idx)                 # [N, R, WB, D]
-        s = jnp.einsum("nibd,nikd->nibk", q_b[:, rows], k_g,
-                       preferred_element_type=_F32) * scale             # [N, R, B, WB]
+        k_row, v_row = _gather(k_b, idx), _gather(v_b, idx)             # [G, R, WB, D]
+        s = jnp.einsum("gibd,gikd->gibk", q_b[:, rows], k_row,
+                       preferred_element_type=_F32) * scale             # [G, R, B, WB]
         s = jnp.where(mask, s, _NEG)
         m = jnp.max(s, axis=-1)
         p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
         denom = jnp.sum(p, axis=-1)
         l_safe = jnp.where(denom > 0, denom, 1.0)  # a row with no allowed key outputs zeros
-        o = jnp.einsum("nibk,nikd->nibd", p, v_g.astype(_F32)) / l_safe[..., None]
+        o = jnp.einsum("gibk,gikd->gibd", p, v_row.astype(_F32)) / l_safe[..., None]
         return o, m + jnp.log(l_safe)
 
     o, lse = _by_groups(rows_fwd, meta.row_kidx_LbxT, meta.row_count_Lb, mask_fn, b, False,
-                        *(_blocks(x, b) for x in (q_NxLxD, k_NxLxD, v_NxLxD)))
-    return o.reshape(n, seq_len, d).astype(q_NxLxD.dtype), lse.reshape(n, seq_len)
+                        *(_blocks(x, b) for x in (q_GxLxD, k_GxLxD, v_GxLxD)))
+    return o.reshape(g, seq_len, d).astype(q_GxLxD.dtype), lse.reshape(g, seq_len)
 
 
-def backward(q_NxLxD, k_NxLxD, v_NxLxD, lse_NxL, do_NxLxD, delta_NxL, meta: AttentionMeta,
+def backward(q_GxLxD, k_GxLxD, v_GxLxD, lse_GxL, do_GxLxD, delta_GxL, meta: AttentionMeta,
              mask_fn, scale):
     """``(dq, dk, dv)`` in fp32: dQ over the row view, dK/dV over the column view."""
     b = meta.block_size
-    n, seq_len, d = q_NxLxD.shape
+    g, seq_len, d = q_GxLxD.shape
     q_b, k_b, v_b, do_b = (_blocks(x.astype(_F32), b)
-                           for x in (q_NxLxD, k_NxLxD, v_NxLxD, do_NxLxD))
-    lse_b, delta_b = _blocks(lse_NxL, b), _blocks(delta_NxL, b)
+                           for x in (q_GxLxD, k_GxLxD, v_GxLxD, do_GxLxD))
+    lse_b, delta_b = _blocks(lse_GxL, b), _blocks(delta_GxL, b)
 
     def rows_dq(rows, idx, mask):
-        k_g, v_g = _gather(k_b, idx), _gather(v_b, idx)
-        s = jnp.einsum("nibd,nikd->nibk", q_b[:, rows], k_g) * scale
+        k_row, v_row = _gather(k_b, idx), _gather(v_b, idx)
+        s = jnp.einsum("gibd,gikd->gibk", q_b[:, rows], k_row) * scale
         p = jnp.where(mask, jnp.exp(s - lse_b[:, rows][..., None]), 0.0)
-        dp = jnp.einsum("nibd,nikd->nibk", do_b[:, rows], v_g)
+        dp = jnp.einsum("gibd,gikd->gibk", do_b[:, rows], v_row)
         ds = p * (dp - delta_b[:, rows][..., None])
-        return (jnp.einsum("nibk,nikd->nibd", ds, k_g) * scale,)
+        return (jnp.einsum("gibk,gikd->gibd", ds, k_row) * scale,)
 
     def cols_dkdv(cols, idx, mask):
-        q_g, do_g = _gather(q_b, idx), _gather(do_b, idx)               # [N, R, WB, D]
-        lse_g, delta_g = _gather(lse_b, idx), _gather(delta_b, idx)     # [N, R, WB]
-        s = jnp.einsum("njqd,njkd->njqk", q_g, k_b[:, cols]) * scale    # [N, R, WB, B]
-        p = jnp.where(mask, jnp.exp(s - lse_g[..., None]), 0.0)
-        dv = jnp.einsum("njqk,njqd->njkd", p, do_g)
-        ds = p * (jnp.einsum("njqd,njkd->njqk", do_g, v_b[:, cols]) - delta_g[..., None])
-        return jnp.einsum("njqk,njqd->njkd", ds, q_g) * scale, dv
+        q_col, do_col = _gather(q_b, idx), _gather(do_b, idx)           # [G, R, WB, D]
+        lse_col, delta_col = _gather(lse_b, idx), _gather(delta_b, idx) # [G, R, WB]
+        s = jnp.einsum("gjqd,gjkd->gjqk", q_col, k_b[:, cols]) * scale  # [G, R, WB, B]
+        p = jnp.where(mask, jnp.exp(s - lse_col[..., None]), 0.0)
+        dv = jnp.einsum("gjqk,gjqd->gjkd", p, do_col)
+        ds = p * (jnp.einsum("gjqd,gjkd->gjqk", do_col, v_b[:, cols]) - delta_col[..., None])
+        return jnp.einsum("gjqk,gjqd->gjkd", ds, q_col) * scale, dv
 
     (dq,) = _by_groups(rows_dq, meta.row_kidx_LbxT, meta.row_count_Lb, mask_fn, b, False)
     dk, dv = _by_groups(cols_dkdv, meta.col_qidx_LbxS, meta.col_count_Lb, mask_fn, b, True)
-    return tuple(x.reshape(n, seq_len, d) for x in (dq, dk, dv))
+    return tuple(x.reshape(g, seq_len, d) for x in (dq, dk, dv))

@@ -1,1 +1,8 @@
-"""Block-sparse matmul (see kernels/__init__.py)."""
+"""Block-sparse matmul ``x @ (w * expand(block_mask))``; its public API is re-exported by
+``kernels``.
+
+Files: meta.py (mask -> static-shape metadata and budgets), reference.py (the dense masked
+oracle), ops.py (the ``custom_vjp`` public op and the backend registry), and one backend per
+file: xla.py, pallas_gpu.py, pallas_tpu.py. Dimension letters: x ``[M, K]``, W ``[K, N]``
+(in-features x out-features), B the block size (meta.py lists the rest).
+"""

@@ -1,6 +1,7 @@
 """Block mask -> static-shape metadata for the block-sparse matmul kernels.
 
-Terms used in this package (``W`` is ``[K, N]``, ``x`` is ``[M, K]``, ``B`` the block size):
+Dimension letters (``W`` is ``[K, N]``: K in-features, N out-features; ``x`` is ``[M, K]``,
+M tokens; ``B`` the block size):
 
     Kb = K // B        block rows of W (x's K-blocks)
     Nb = N // B        block columns of W (y's N-blocks)

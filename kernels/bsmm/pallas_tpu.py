@@ -15,8 +15,8 @@ fp32 scratch:
 
 The forward and dX are one kernel (``_panel_kernel``, W's block (e, j) or (j, e)
 transposed), and every kernel runs the same zero / accumulate / store steps
-(``_accumulate``). Padding entries repeat the previous block index, so the pipeline sees no change and issues
-no copy, and ``pl.when(s < count)`` skips their compute. dW is written compact
+(``_accumulate``). Padding entries repeat the previous block index, so the pipeline sees
+no change and issues no copy, and ``pl.when(s < count)`` skips their compute. dW is written compact
 (``[Nb*T, B, B]``) and scattered into the dense layout by XLA (common.scatter_blocks):
 writing straight into dense dW would leave never-visited blocks uninitialised.
 

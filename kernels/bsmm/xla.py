@@ -1,5 +1,9 @@
 """Pure-XLA block-sparse matmul: the CPU default (also runs on GPU/TPU).
 
+Dimension letters: x ``[M, K]``, W ``[K, N]`` (in-features x out-features), y and dY
+``[M, N]``; B the block size, Kb = K/B and Nb = N/B, T the column budget (meta.py); ``d``
+in the costs below is the density.
+
 Traced metadata (``BlockMeta``): everything is driven by the column view, one
 ``lax.scan`` step per output block column j with its T K-blocks ``kidx = col_kidx_NbxT[j]``:
 
