@@ -138,18 +138,18 @@ class Registry:
     Built-in backends are registered by the op's ``ops.py`` and cannot be replaced; a name
     registered from outside (a test, a notebook) may be registered again, which replaces it,
     so a notebook cell can be re-run.
+
+    Args:
+      what: the op's name in messages, e.g. ``"backend"`` or ``"attention backend"``.
+      record: the NamedTuple of functions every backend of this op provides.
+      env_var: environment variable that overrides ``"auto"``.
+      native: platform (``jax.default_backend()``) -> its preferred backend.
+      portable: backends that run on every platform, preferred first.
+      register_fn: the public registration function, named in error messages.
     """
 
     def __init__(self, what: str, record: type, env_var: str, native: Mapping[str, str],
                  portable: tuple[str, ...] = ("xla", "reference"), register_fn: str = ""):
-        """Args:
-          what: the op's name in messages, e.g. ``"backend"`` or ``"attention backend"``.
-          record: the NamedTuple of functions every backend of this op provides.
-          env_var: environment variable that overrides ``"auto"``.
-          native: platform (``jax.default_backend()``) -> its preferred backend.
-          portable: backends that run on every platform, preferred first.
-          register_fn: the public registration function, named in error messages.
-        """
         self.what, self.record, self.env_var = what, record, env_var
         self.native, self.portable, self.register_fn = dict(native), portable, register_fn
         self._impls: dict[str, Any] = {}

@@ -70,9 +70,13 @@ def register_attention_backend(name: str, impl: AttentionBackend) -> None:
     As ``kernels.register_backend`` for the matmul: register before the first trace that
     uses it; a name registered again is replaced; built-in names cannot be.
 
+    Args:
+      name: any string but ``"auto"`` and the built-in names.
+      impl: an ``AttentionBackend`` of the forward and backward functions.
+
     Raises:
-      ValueError: a built-in or empty name. TypeError: ``impl`` is not an
-        ``AttentionBackend``.
+      ValueError: a built-in, empty or ``"auto"`` name.
+      TypeError: ``impl`` is not an ``AttentionBackend``.
     """
     _REGISTRY.register(name, impl)
 

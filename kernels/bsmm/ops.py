@@ -82,14 +82,15 @@ def register_backend(name: str, impl: MatmulBackend) -> None:
 
     Register before the first trace that uses it (the name is resolved at trace time).
     Registering a name again replaces it (re-running a notebook cell); built-in names cannot
-    be replaced. See ``tests/test_kernels.py::test_registered_backend_matches_oracle``.
+    be replaced. See ``tests/test_kernels.py::test_registered_backend_matches_dense_masked_oracle``.
 
     Args:
       name: any string but ``"auto"`` and the built-in names.
       impl: a ``MatmulBackend`` of the three products.
 
     Raises:
-      ValueError: a built-in or empty name. TypeError: ``impl`` is not a ``MatmulBackend``.
+      ValueError: a built-in, empty or ``"auto"`` name.
+      TypeError: ``impl`` is not a ``MatmulBackend``.
     """
     _REGISTRY.register(name, impl)
 
