@@ -16,11 +16,22 @@ stages, see ``pipeline.py``). All axes are ``Auto``: inside :func:`jit` XLA prop
 shardings, and the model's activation names (``batch``, ``act_embed``, ``mlp``) become
 sharding constraints.
 
-Multi-host: call :func:`maybe_initialize_distributed` before anything touches a device
+Several processes: call :func:`maybe_initialize_distributed` before anything touches a device
 (``train.py`` does). It runs ``jax.distributed.initialize()`` when ``SPARSE_GPT_DISTRIBUTED=1``
 or ``JAX_COORDINATOR_ADDRESS`` is set (on TPU pods and SLURM/Open MPI clusters JAX then finds
-the coordinator, process count and id itself); the default is one process. Every process
-reads the same global batch and :func:`put_batch` keeps only its devices' rows.
+the coordinator, process count and id itself; elsewhere set ``SPARSE_GPT_NUM_PROCESSES`` and
+``SPARSE_GPT_PROCESS_ID`` too); the default is one process. E.g. two CPU processes of 4
+devices each on one machine::
+
+    export JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 SPARSE_GPT_NUM_PROCESSES=2 JAX_PLATFORMS=cpu
+    export XLA_FLAGS=--xla_force_host_platform_device_count=4
+    SPARSE_GPT_PROCESS_ID=0 python train.py --config.mesh.data=2 & \
+        SPARSE_GPT_PROCESS_ID=1 python train.py --config.mesh.data=2
+
+Each process reads only its block of every global batch (``data/dataset.py``) and
+:func:`put_batch` places the block on that process's devices
+(``jax.make_array_from_process_local_data``). CPU collectives between processes use gloo,
+JAX's default for CPU (``jax_cpu_collectives_implementation``).
 """
 
 from __future__ import annotations
@@ -48,13 +59,39 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def maybe_initialize_distributed(env: dict | None = None) -> bool:
-    """Starts multi-host JAX when the environment asks for it; returns whether it did."""
+    """Starts multi-process JAX when the environment asks for it; returns whether it did.
+
+    ``SPARSE_GPT_DISTRIBUTED=1`` or ``JAX_COORDINATOR_ADDRESS`` asks for it. Where no cluster
+    manager tells JAX the process count and id (a plain machine), ``SPARSE_GPT_NUM_PROCESSES``
+    and ``SPARSE_GPT_PROCESS_ID`` give them, with ``JAX_COORDINATOR_ADDRESS`` (host:port of
+    process 0).
+
+    Raises:
+      ValueError: only one of the count and id is set, they are not integers, or the id is
+        outside ``[0, count)``.
+    """
     env = os.environ if env is None else env
-    if env.get("SPARSE_GPT_DISTRIBUTED", "") in ("1", "true") or env.get(
-            "JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    if not (env.get("SPARSE_GPT_DISTRIBUTED", "") in ("1", "true")
+            or env.get("JAX_COORDINATOR_ADDRESS")):
+        return False
+    count, index = env.get("SPARSE_GPT_NUM_PROCESSES"), env.get("SPARSE_GPT_PROCESS_ID")
+    if count is None and index is None:
+        jax.distributed.initialize()  # the cluster (TPU, SLURM, Open MPI, ...) says the rest
         return True
-    return False
+    fix = ("set both SPARSE_GPT_NUM_PROCESSES (the process count) and SPARSE_GPT_PROCESS_ID "
+           "(0 .. count - 1, distinct per process), with JAX_COORDINATOR_ADDRESS=host:port of "
+           "process 0")
+    try:
+        count, index = int(count), int(index)
+    except (TypeError, ValueError):
+        raise ValueError(f"SPARSE_GPT_NUM_PROCESSES={count!r}, SPARSE_GPT_PROCESS_ID={index!r}: "
+                         f"{fix}.") from None
+    if not (count >= 1 and 0 <= index < count and env.get("JAX_COORDINATOR_ADDRESS")):
+        raise ValueError(f"SPARSE_GPT_NUM_PROCESSES={count}, SPARSE_GPT_PROCESS_ID={index}, "
+                         f"JAX_COORDINATOR_ADDRESS={env.get('JAX_COORDINATOR_ADDRESS')!r}: {fix}.")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=count, process_id=index)
+    return True
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -207,14 +244,62 @@ def batch_sharding(mesh: Mesh, rules: Rules, batch_size: int) -> NamedSharding:
     return NamedSharding(mesh, P(tuple(kept) or None, *spec[1:]))
 
 
-def put_batch(batch: dict, sharding: NamedSharding) -> dict:
-    """Places a host batch (the same global batch on every process) on the mesh."""
+def put_batch(batch: dict, sharding: NamedSharding, batch_size: int | None = None) -> dict:
+    """Places a host batch on the mesh: the global batch, or this process's block of it.
+
+    Args:
+      batch: ``[rows, ...]`` numpy arrays. Either the global batch (``batch_size`` rows, the
+        same on every process; each process keeps its devices' rows), or, with ``P``
+        processes, this process's block as ``data.dataset`` reads it: rows
+        ``[p * B/P, (p + 1) * B/P)`` of the global batch.
+      sharding: the batch sharding (:func:`batch_sharding`).
+      batch_size: the global batch size B; ``None``: the batch is the global batch.
+
+    A block goes straight to its process's devices when the sharding gives every process
+    exactly its block (data/fsdp meshes: processes own consecutive rows). Otherwise (e.g.
+    a batch replicated over processes) the blocks are first gathered from all processes.
+
+    Raises:
+      ValueError: rows that are neither ``batch_size`` nor ``batch_size / P``.
+    """
+    count = jax.process_count()
+
     def put(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        if batch_size is None or x.shape[0] == batch_size:
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        if x.shape[0] * count != batch_size:
+            raise ValueError(
+                f"A batch of {x.shape[0]} rows: expected the global batch of "
+                f"train.batch_size={batch_size} rows" + (
+                    f" or this process's block of {batch_size // count}" if count > 1 and
+                    batch_size % count == 0 else "") +
+                ". Read batches with data.make_data(config.data, train.batch_size).")
+        shape = (batch_size,) + x.shape[1:]
+        if _owns_its_block(sharding, shape):
+            return jax.make_array_from_process_local_data(sharding, x, shape)
+        from jax.experimental import multihost_utils
+        full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.make_array_from_callback(shape, sharding, lambda idx: full[idx])
     return {k: put(v) for k, v in batch.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _owns_its_block(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
+    """Whether the devices of every process ``q`` hold exactly rows ``[q*B/P, (q+1)*B/P)``
+    of a global batch of ``shape`` (``B = shape[0]``).
+
+    Decided from the whole sharding, so every process takes the same branch (one of them is a
+    collective).
+    """
+    count, batch_size = jax.process_count(), shape[0]
+    n = batch_size // count
+    rows: dict[int, set[int]] = {q: set() for q in range(count)}
+    for device, index in sharding.devices_indices_map(shape).items():
+        rows[device.process_index].update(range(batch_size)[index[0]])
+    return all(rows[q] == set(range(q * n, (q + 1) * n)) for q in range(count))
 
 
 def jit(fn: Callable, mesh: Mesh, rules: Rules, **jit_kwargs) -> Callable:

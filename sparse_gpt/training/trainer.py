@@ -78,9 +78,10 @@ def make_steps(config: ml_collections.ConfigDict, model, tx, method,
                 donate_argnums=0)
     evaluate_ = jit(train_lib.make_eval_step(model, forward), in_shardings=(state_sh, batch_sh),
                     out_shardings=replicated)
-    return Steps(mesh, init,
-                 lambda state, batch: train(state, sharding.put_batch(batch, batch_sh)),
-                 lambda state, batch: evaluate_(state, sharding.put_batch(batch, batch_sh)))
+    put = functools.partial(sharding.put_batch, sharding=batch_sh,
+                            batch_size=config.train.batch_size)
+    return Steps(mesh, init, lambda state, batch: train(state, put(batch)),
+                 lambda state, batch: evaluate_(state, put(batch)))
 
 
 def evaluate(eval_step, state: train_lib.TrainState, batches: list[dict],
