@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks._results import save_result  # noqa: E402
 from sparse_gpt import cli# noqa: E402
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.sparsity import sat
 from sparse_gpt.training import step as train_lib
 from sparse_gpt.training import trainer
@@ -68,8 +69,8 @@ def _run(args, name: str, steps: int, overrides: dict) -> dict:
 def step_times(args, rates: list[float]) -> dict[float, float]:
     """Median seconds per train step at each omission rate, compiled steps interleaved."""
     config = _config(args, 10, {})
-    model, tx, method = train_lib.build(config)
-    state = train_lib.init_state(config, model, tx, method, jax.random.key(0))
+    model, tx, method = train_lib.build(plan_lib.from_config(config))
+    state = train_lib.init_state(plan_lib.from_config(config), model, tx, method, jax.random.key(0))
     b, seq = int(config.train.batch_size), int(config.data.seq_len)
     tokens = jax.random.randint(jax.random.key(1), (b, seq + 1), 0, 256)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -79,7 +80,7 @@ def step_times(args, rates: list[float]) -> dict[float, float]:
         plan = None
         if rate > 0:
             config.sat.update(omission_rate=rate, schedule="constant")
-            plan = sat.from_config(config)
+            plan = plan_lib.from_config(config).sat
         steps[rate] = jax.jit(train_lib.make_train_step(model, tx, method, sat=plan))
         jax.block_until_ready(steps[rate](state, batch))          # compile + warm up
     times = {r: [] for r in rates}
@@ -121,7 +122,7 @@ def main(argv=None):
     for rate, metric in arms:
         name = f"sat-{rate}-{metric}"
         over = {**cont, "sat.omission_rate": rate, "sat.metric": metric}
-        plans[name] = sat.from_config(_config(args, args.steps, over))
+        plans[name] = plan_lib.from_config(_config(args, args.steps, over)).sat
         rows.append(_run(args, name, args.steps, over))
 
     used = sorted({r for plan in plans.values() for r in plan.rates} | {0.0})

@@ -25,48 +25,44 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sparse_gpt.model.context import StepContext
 from sparse_gpt.sparsity import masks as masks_lib
 
 Tree = Any
 
-# The model's maskable kernels, relative to the params root (model.py's tree).
-KERNELS = ("blocks/attn/qkv/kernel", "blocks/attn/out/kernel",
-           "blocks/mlp/fc/kernel", "blocks/mlp/proj/kernel")
-
-
-def kernel_shapes(model_config) -> dict[str, tuple[int, int, int]]:
-    """Shapes ``[N_layers, K, N]`` of the four projection kernels for a ``config.model``."""
-    n, d = int(model_config.n_layers), int(model_config.d_model)
-    f = int(model_config.d_ff) or 4 * d
-    return dict(zip(KERNELS, [(n, d, 3 * d), (n, d, d), (n, d, f), (n, f, d)]))
-
-
-def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
-               dense_weight_grad=False, attention_pairs=None, kept_heads=1.0,
-               kept_channels=1.0) -> dict[str, jnp.ndarray]:
+def step_flops(model_cfg, masks: Tree, batch_size: int, seq_len: int,
+               ctx: StepContext = StepContext(), dense_weight_grad=False
+               ) -> dict[str, jnp.ndarray]:
     """Training FLOPs of one step (forward + backward), dense and with ``masks``.
 
     Usable inside and outside ``jit`` (counts are float32 jnp scalars).
 
     Args:
-      model_config: ``config.model`` (``n_layers``, ``d_model``, ``d_ff``, ``vocab_size``).
+      model_cfg: the ``ModelConfig`` (its ``kernel_shapes``, ``d_model``, ``vocab_size``).
       masks: the mask tree; kernels without a mask leaf count dense.
       batch_size: sequences per step.
       seq_len: tokens per sequence.
+      ctx: the step's context, as the model sees it: ``ctx.attention`` (hybrid attention's
+        switch: the pattern's (query, key) pairs while on, else ``L^2``) and
+        ``ctx.omission`` (SAT: the kept fractions of heads and MLP channels).
       dense_weight_grad: bool or traced bool; True when this step computes the dense weight
-        gradient (``needs_dense_grads`` methods on the steps of ``dense_grad_step``).
-      attention_pairs: float or traced scalar: (query, key) pairs per sequence and head the
-        attention computes this step, for the sparse count; None (default) is ``L^2``.
+        gradient (the method's ``dense_grad_step``).
 
     Returns:
       ``{"dense": ..., "sparse": ...}`` FLOPs of the step.
     """
     tokens = float(batch_size) * float(seq_len)
-    n_layers, d = int(model_config.n_layers), int(model_config.d_model)
+    n_layers, d = int(model_cfg.n_layers), int(model_cfg.d_model)
+    kept_heads, kept_channels = 1.0, 1.0
+    if ctx.omission is not None:
+        if ctx.omission.keep_heads is not None:
+            kept_heads = ctx.omission.keep_heads / model_cfg.n_heads
+        if ctx.omission.keep_channels is not None:
+            kept_channels = ctx.omission.keep_channels / model_cfg.ff
     flat = masks_lib.flatten(masks)
     dense = jnp.zeros((), jnp.float32)
     sparse = jnp.zeros((), jnp.float32)
-    for path, shape in kernel_shapes(model_config).items():
+    for path, shape in model_cfg.kernel_shapes().items():
         size = float(shape[0] * shape[1] * shape[2])
         live = (jnp.sum(flat[path], dtype=jnp.float32) if path in flat
                 else jnp.asarray(size, jnp.float32))
@@ -75,9 +71,10 @@ def step_flops(model_config, masks: Tree, batch_size: int, seq_len: int,
         dense += 6.0 * tokens * size
         dw = jnp.where(dense_weight_grad, size * kept, live)
         sparse += 2.0 * tokens * (2.0 * live + dw)
-    head = 6.0 * tokens * d * int(model_config.vocab_size)                    # LM head
+    head = 6.0 * tokens * d * int(model_cfg.vocab_size)                    # LM head
     attn = 3.0 * 4.0 * batch_size * d * n_layers                              # QK^T, PV
-    pairs = float(seq_len) ** 2 if attention_pairs is None else attention_pairs
+    pairs = (float(seq_len) ** 2 if ctx.attention is None
+             else ctx.attention.pairs(seq_len))
     return dict(dense=dense + attn * float(seq_len) ** 2 + head,
                 sparse=sparse + attn * jnp.asarray(pairs, jnp.float32) * kept_heads + head)
 

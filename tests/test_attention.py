@@ -11,7 +11,9 @@ import pytest
 
 import kernels
 from sparse_gpt.model import attention as A
+from sparse_gpt.model.context import StepContext
 from sparse_gpt import config as config_lib
+from sparse_gpt import plan as plan_lib
 from sparse_gpt import flops as flops_lib
 from sparse_gpt.model import gpt as model_lib
 from sparse_gpt.training import step as train_lib
@@ -174,7 +176,7 @@ def test_pallas_gpu_lowers_to_triton():
 def _tiny_config(**attention):
     c = config_lib.get_config("tiny")
     c.unlock()
-    c.model.update(n_layers=2, d_model=32, n_heads=2, vocab_size=32, max_len=64)
+    c.model.update(n_layers=2, d_model=32, n_heads=2, max_len=64)
     c.data.seq_len = 64
     c.train.update(batch_size=2, num_steps=6)
     c.attention.update(pattern="local_strided", window=8, stride=48, block_size=16,
@@ -184,8 +186,8 @@ def _tiny_config(**attention):
 
 
 def test_config_window_and_errors():
-    assert A.from_config(_tiny_config(sparse_end=0)) is None           # off by default
-    spec = A.from_config(_tiny_config(sparse_end=-1))
+    assert plan_lib.from_config(_tiny_config(sparse_end=0)).attention is None           # off by default
+    spec = plan_lib.from_config(_tiny_config(sparse_end=-1)).attention
     assert (spec.start, spec.end, spec.pattern.window) == (2, 6, 8)      # -1: num_steps
     assert np.asarray(jax.vmap(spec.active)(jnp.arange(7))).tolist() == [0, 0, 1, 1, 1, 1, 0]
     for bad, message in [(dict(pattern="star"), "Unknown attention.pattern"),
@@ -195,27 +197,29 @@ def test_config_window_and_errors():
                          (dict(sparse_start=5), "sparse_start"),
                          (dict(pattern="fixed", summary=60), "summary")]:
         with pytest.raises(ValueError, match=message):
-            A.from_config(_tiny_config(**bad))
+            plan_lib.from_config(_tiny_config(**bad)).attention
     # Pairs per head, local 8 | strided 48 at L=64, B=16: the 4 diagonal blocks, the 3 below
     # them (offsets 1..31) and block (3, 0) (offset 48); not (2, 0) or (3, 1) (17..47).
     assert spec.pairs(64) == A.block_mask(spec.pattern, 64, 16).sum() * 256 == 8 * 256
-    assert float(spec.pairs_at(0, 64)) == 64 * 64 and float(spec.pairs_at(3, 64)) == 8 * 256
+    assert float(spec.switch(0).pairs(64)) == 64 * 64 and float(spec.switch(3).pairs(64)) == 8 * 256
     assert dataclasses.replace(spec, impl="masked").pairs(64) == 64 * 64
-    with pytest.raises(ValueError, match="unpipelined"):   # a pipelined forward: refuse
-        train_lib.make_train_step(None, None, None, forward=lambda *a: None, attention=spec)
+    piped = _tiny_config(sparse_end=-1)
+    piped.mesh.update(stage=2, data=-1, num_microbatches=2)
+    with pytest.raises(ValueError, match="unpipelined"):   # a pipelined model: refuse
+        plan_lib.from_config(piped)
 
 
 def test_model_sparse_attention_equals_masked_oracle():
     c = _tiny_config()
-    model = model_lib.GPT(model_lib.ModelConfig.from_config(c))
+    model = model_lib.GPT(plan_lib.from_config(c).model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 64)))
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
-    spec = A.from_config(c)
+    spec = plan_lib.from_config(c).attention
     oracle = dataclasses.replace(spec, impl="masked")   # jax's dense attention, [L, L] mask
 
     @functools.partial(jax.jit, compiler_options=FAST)
     def logits(step):
-        run = lambda s=None: model.apply(variables, tokens, sparse_attention=s)  # noqa: E731
+        run = lambda s=None: model.apply(variables, tokens, StepContext(attention=s))  # noqa: E731
         return run(spec.switch(step)), run(oracle.switch(step)), run()
 
     kernel, masked, dense = logits(2)
@@ -231,14 +235,13 @@ def test_train_step_switches_by_step_without_recompiling():
     inside the window, and the attention FLOPs of the pattern counted only there."""
     c = _tiny_config()
     c.sparsity.update(method="static", density=0.25, sparse_layers="mlp/fc")
-    model, tx, method = train_lib.build(c)
-    spec = A.from_config(c)
-    state = jax.jit(lambda r: train_lib.init_state(c, model, tx, method, r))(jax.random.key(0))
+    model, tx, method = train_lib.build(plan_lib.from_config(c))
+    spec = plan_lib.from_config(c).attention
+    state = jax.jit(lambda r: train_lib.init_state(plan_lib.from_config(c), model, tx, method, r))(jax.random.key(0))
     step = jax.jit(train_lib.make_train_step(model, tx, method, attention=spec),
                    compiler_options=FAST)
-    oracle = functools.partial(train_lib.forward,
-                               sparse_attention=dataclasses.replace(spec, impl="masked")
-                               .switch(2))
+    oracle_ctx = StepContext(attention=dataclasses.replace(spec, impl="masked").switch(2))
+    oracle = lambda p, m, t, mdl, ctx: train_lib.forward(p, m, t, mdl, oracle_ctx)  # noqa: E731
     oracle_loss = jax.jit(lambda p, m, b: train_lib.loss_fn(p, m, b, model, oracle),
                           compiler_options=FAST)
     rng = np.random.default_rng(1)
@@ -275,8 +278,8 @@ def test_sharded_training_with_sparse_attention_matches_one_device():
     losses = []
     for data, devices in ((1, jax.devices()[:1]), (4, jax.devices()[:4])):
         c.mesh.data = data
-        model, tx, method = train_lib.build(c)
-        steps = trainer.make_steps(c, model, tx, method, sharding.make_mesh(c.mesh, devices),
+        model, tx, method = train_lib.build(plan_lib.from_config(c))
+        steps = trainer.make_steps(plan_lib.from_config(c), model, tx, method, sharding.make_mesh(c.mesh, devices),
                                    compiler_options=FAST)
         state = steps.init(jax.random.key(0))
         losses.append([])

@@ -1,17 +1,17 @@
 """FLOP accounting against a hand count, and density summaries."""
 
-import types
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 from sparse_gpt import config as config_lib
 from sparse_gpt import flops as F
+from sparse_gpt import plan as plan_lib
+from sparse_gpt.model.gpt import ModelConfig
 
 # 2 layers, D=8, F=32, V=16: kernels per layer qkv 8x24=192, out 8x8=64, fc 8x32=256,
 # proj 32x8=256, i.e. 768 weights per layer, 1536 in all.
-CFG = types.SimpleNamespace(n_layers=2, d_model=8, d_ff=0, vocab_size=16)
+CFG = ModelConfig(n_layers=2, d_model=8, n_heads=2, d_ff=0, vocab_size=16)
 B, L = 2, 4  # T = 8 tokens
 
 
@@ -26,11 +26,11 @@ def _masks():
 
 
 def test_kernel_shapes_follow_the_model_config():
-    assert F.kernel_shapes(CFG) == {
+    assert CFG.kernel_shapes() == {
         "blocks/attn/qkv/kernel": (2, 8, 24), "blocks/attn/out/kernel": (2, 8, 8),
         "blocks/mlp/fc/kernel": (2, 8, 32), "blocks/mlp/proj/kernel": (2, 32, 8)}
-    tiny = config_lib.get_config("tiny").model
-    assert F.kernel_shapes(tiny)["blocks/mlp/fc/kernel"] == (4, 128, 512)
+    tiny = plan_lib.from_config(config_lib.get_config("tiny")).model
+    assert tiny.kernel_shapes()["blocks/mlp/fc/kernel"] == (4, 128, 512)
 
 
 def test_step_flops_hand_count():
@@ -51,7 +51,8 @@ def test_step_flops_hand_count():
 
 
 def test_step_flops_inside_jit_matches():
-    jitted = jax.jit(lambda m, g: F.step_flops(CFG, m, B, L, g))(_masks(), jnp.bool_(False))
+    jitted = jax.jit(lambda m, g: F.step_flops(CFG, m, B, L, dense_weight_grad=g))(
+        _masks(), jnp.bool_(False))
     assert float(jitted["sparse"]) == 50592 and float(jitted["dense"]) == 86016
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.model import hf_import
 from sparse_gpt.training import init_from
 from sparse_gpt.training import step as train_lib
@@ -185,7 +186,7 @@ def test_init_from_hf_starts_at_the_imported_models_loss(corpus, tmp_path):
     assert first["step"] == 1 and int(out["state"].step) == 1
 
     _, params, masks = hf_import.load_gpt2(folder, vocab_size=264)
-    model = model_lib.GPT(model_lib.ModelConfig.from_config(config))
+    model = model_lib.GPT(plan_lib.from_config(config).model)
     batch = next(data_lib.make_data(config.data, 8, config.data.seed).train_iterator())
     expected = float(train_lib.loss_fn(params, masks, batch, model))
     assert first["loss"] == pytest.approx(expected, rel=1e-5)
@@ -206,8 +207,8 @@ def fake_workdir(config, workdir):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort())
-    model, tx, method = train_lib.build(config)
-    state = jax.jit(lambda r: train_lib.init_state(config, model, tx, method, r))(
+    model, tx, method = train_lib.build(plan_lib.from_config(config))
+    state = jax.jit(lambda r: train_lib.init_state(plan_lib.from_config(config), model, tx, method, r))(
         jax.random.key(7))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     ckpt.save(3, state, {}, checkpoint.make_meta(model.cfg, state))
@@ -220,7 +221,7 @@ def test_init_from_workdir_prunes_the_loaded_weights(corpus, tmp_path):
     source = fake_workdir(small_config(corpus), src)
     config = small_config(corpus, **{"train.init_from": src, "sparsity.method": "static",
                                      "sparsity.density": 0.5, "sparsity.init": "magnitude"})
-    model, _, _ = train_lib.build(config)
+    model, _, _ = train_lib.build(plan_lib.from_config(config))
     # Any state of this structure stands for init(rng) (reusing the source's saves compiling
     # a second init); its moments are made stale to see warm_start replace them.
     stale = source.replace(opt_state=jax.tree.map(lambda x: x + 1, source.opt_state))
@@ -245,13 +246,13 @@ def test_init_from_workdir_prunes_the_loaded_weights(corpus, tmp_path):
 def test_init_from_shape_errors_name_the_fix(corpus, tmp_path):
     src = str(tmp_path / "src")
     fake_workdir(small_config(corpus), src)
-    bad = model_lib.ModelConfig.from_config(small_config(corpus, **{"model.n_layers": 3,
-                                                                    "model.d_model": 64}))
+    bad = plan_lib.from_config(small_config(corpus, **{"model.n_layers": 3,
+                                                                    "model.d_model": 64})).model
     with pytest.raises(ValueError, match=r"--config.model.n_layers=2 --config.model.d_model=32"):
         init_from.load_params(src, bad)
     cfg = hf_config(n_positions=32, vocab_size=300, n_head=2)
     folder = write(tmp_path / "hf", cfg, random_gpt2(cfg))
-    ours = model_lib.ModelConfig.from_config(small_config(corpus))       # vocab 264 < 300
+    ours = plan_lib.from_config(small_config(corpus)).model       # vocab 264 < 300
     with pytest.raises(ValueError, match=r"--config.model.vocab_size=320"):
         init_from.load_params(folder, ours)
     with pytest.raises(ValueError, match=r"--config.model.n_heads=4"):

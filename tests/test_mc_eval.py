@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.evaluation import mc_eval
 from sparse_gpt.data import tokenizers
 from sparse_gpt.model import gpt as model_lib
@@ -196,8 +197,8 @@ def test_eval_cli_reports_tasks_of_a_run(tmp_path, capsys):
     workdir = tmp_path / "run"
     os.makedirs(workdir)
     (workdir / "config.json").write_text(c.to_json_best_effort())
-    model, tx, method = train_lib.build(c)
-    state = jax.jit(lambda r: train_lib.init_state(c, model, tx, method, r))(jax.random.key(0))
+    model, tx, method = train_lib.build(plan_lib.from_config(c))
+    state = jax.jit(lambda r: train_lib.init_state(plan_lib.from_config(c), model, tx, method, r))(jax.random.key(0))
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False)
     ckpt.save(1, state, {}, checkpoint.make_meta(model.cfg, state))
     ckpt.close()

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from sparse_gpt import config as config_lib
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.sparsity import masks as M
 from sparse_gpt.sparsity import methods
 from sparse_gpt.sparsity import regrow as R
@@ -67,33 +68,33 @@ def _counts(masks, paths=SPARSE):
 ])
 def test_build_rejects_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
-        methods.build(_config(**overrides))
+        plan_lib.from_config(_config(**overrides)).method
 
 
 def test_block_sparse_matmul_needs_column_balanced_blocks():
     c = _config(method="static", density=0.5)
     c.model.matmul = "block_sparse"
     with pytest.raises(ValueError, match="column-balanced"):
-        methods.build(c)
+        plan_lib.from_config(c).method
     c.sparsity.update(structure="block", block_balance="none")
     with pytest.raises(ValueError, match="column-balanced"):
-        methods.build(c)
+        plan_lib.from_config(c).method
     c.sparsity.block_balance = "column"
-    assert methods.build(c).settings.structure.balance == "column"
+    assert plan_lib.from_config(c).method.settings.structure.balance == "column"
 
 
 def test_build_returns_each_method():
     for name, cls in methods.METHODS.items():
-        m = methods.build(_config(method=name, density=1.0 if name == "dense" else 0.5))
+        m = plan_lib.from_config(_config(method=name, density=1.0 if name == "dense" else 0.5)).method
         assert type(m) is cls and hash(m) == hash(m)
     assert methods.RigL.needs_dense_grads and not methods.SET.needs_dense_grads
-    assert methods.build(_config(method="rigl", density=0.5)).settings.update_end == 30
+    assert plan_lib.from_config(_config(method="rigl", density=0.5)).method.settings.update_end == 30
 
 
 def test_static_uniform_erk_counts_and_seed():
     p = _params()
     for dist in ("uniform", "erk"):
-        m = methods.build(_config(method="static", density=0.25, distribution=dist))
+        m = plan_lib.from_config(_config(method="static", density=0.25, distribution=dist)).method
         init = jax.jit(m.init_masks)
         masks = init(p, M.dense_masks(p), jax.random.key(1))
         dens = m.target_densities(masks)
@@ -110,18 +111,18 @@ def test_static_uniform_erk_counts_and_seed():
 
 def test_static_respects_sparse_layers_and_structures():
     p = _params()
-    m = methods.build(_config(method="static", density=0.25, sparse_layers="mlp/*"))
+    m = plan_lib.from_config(_config(method="static", density=0.25, sparse_layers="mlp/*")).method
     masks = jax.jit(m.init_masks)(p, M.dense_masks(p), jax.random.key(0))
     assert bool(masks["blocks"]["attn"]["qkv"]["kernel"].all())  # not sparse: untouched
     assert int(M.nnz(masks["blocks"]["mlp"]["fc"]["kernel"])[0]) == 256
-    block = methods.build(_config(method="static", density=0.25, structure="block",
-                                  sparse_layers="attn/qkv,mlp/proj"))
+    block = plan_lib.from_config(_config(method="static", density=0.25, structure="block",
+                                  sparse_layers="attn/qkv,mlp/proj")).method
     bm = jax.jit(block.init_masks)(p, M.dense_masks(p), jax.random.key(0))
     for path in ("blocks/attn/qkv/kernel", "blocks/mlp/proj/kernel"):
         assert bool(M.is_block_structured(M.flatten(bm)[path], (8, 8))), path
         assert 0 < int(M.flatten(bm)[path].sum()) < M.flatten(bm)[path].size
-    nm = methods.build(_config(method="static", density=0.5, structure="nm",
-                               sparse_layers="attn/out,mlp/fc"))
+    nm = plan_lib.from_config(_config(method="static", density=0.5, structure="nm",
+                               sparse_layers="attn/out,mlp/fc")).method
     nm_masks = jax.jit(nm.init_masks)(p, M.dense_masks(p), jax.random.key(0))
     for path in ("blocks/attn/out/kernel", "blocks/mlp/fc/kernel"):
         assert bool(jnp.all(M.nm_group_counts(M.flatten(nm_masks)[path], 4) == 2))
@@ -151,7 +152,7 @@ def _run(method, steps, seed=0, wd=0.1):
         upd, opt = tx.update(grads, opt, p)
         p = M.apply_masks(optax.apply_updates(p, upd), masks)
         score = dense if method.needs_dense_grads else grads
-        new_p, new_m, new_opt = method.update(i, p, masks, score, opt, jax.random.key(9))
+        new_p, new_m, new_opt, _ = method.update(i, p, masks, score, opt, jax.random.key(9))
         return new_p, new_m, new_opt, masks
 
     history = [masks]
@@ -180,9 +181,9 @@ def _run(method, steps, seed=0, wd=0.1):
 ])
 def test_dynamic_methods_keep_counts_exact(name, structure, layers):
     density = 0.5 if structure == "nm" else 0.25
-    m = methods.build(_config(method=name, density=density, structure=structure,
+    m = plan_lib.from_config(_config(method=name, density=density, structure=structure,
                               distribution="erk" if structure == "block" else "uniform",
-                              sparse_layers=layers))
+                              sparse_layers=layers)).method
     _, masks, _, history, updates = _run(m, 16)
     first = _counts(history[0])
     for h in history[1:]:
@@ -211,8 +212,8 @@ def test_dynamic_methods_keep_counts_exact(name, structure, layers):
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest():
-    m = methods.build(_config(method="rigl", density=0.25, drop_fraction=0.5,
-                              drop_fraction_schedule="constant", sparse_layers="attn/out"))
+    m = plan_lib.from_config(_config(method="rigl", density=0.25, drop_fraction=0.5,
+                              drop_fraction_schedule="constant", sparse_layers="attn/out")).method
     p = _params()
     masks = jax.jit(m.init_masks)(p, M.dense_masks(p), jax.random.key(0))
     live = masks["blocks"]["attn"]["out"]["kernel"]             # [2, 16, 16], 64 live each
@@ -223,7 +224,7 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
     grads = jax.tree.map(jnp.ones_like, p)
     grads["blocks"]["attn"]["out"]["kernel"] = jnp.where(favourite, 100.0, 1.0)
     opt = optax.adam(1e-3).init(p)
-    new_p, new_masks, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
+    new_p, new_masks, _, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
     new = new_masks["blocks"]["attn"]["out"]["kernel"]
     np.testing.assert_array_equal(R.grown({"k": live}, {"k": new})["k"], favourite)
     np.testing.assert_array_equal(M.nnz(new), [64, 64])
@@ -238,8 +239,8 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
 def test_rigl_keeps_q_k_v_counts_of_the_fused_qkv_kernel():
     # The dense gradient of q and k is ~0 at init (uniform attention): pooled in one count,
     # growth would move q's and k's dropped weights into v.
-    m = methods.build(_config(method="rigl", density=0.25, drop_fraction=0.5,
-                              drop_fraction_schedule="constant", sparse_layers="attn/qkv"))
+    m = plan_lib.from_config(_config(method="rigl", density=0.25, drop_fraction=0.5,
+                              drop_fraction_schedule="constant", sparse_layers="attn/qkv")).method
     p = _params()
     masks = jax.jit(m.init_masks)(p, M.dense_masks(p), jax.random.key(0))
     p = M.apply_masks(p, masks)
@@ -254,7 +255,7 @@ def test_rigl_keeps_q_k_v_counts_of_the_fused_qkv_kernel():
     grads["blocks"]["attn"]["qkv"]["kernel"] = jnp.asarray(np.where(
         weak, 1e3, np.where(np.arange(3 * D) >= 2 * D, 1e2, 1e-4)), jnp.float32)
     opt = optax.adam(1e-3).init(p)
-    new_p, new_masks, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
+    new_p, new_masks, _, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
     new = np.asarray(new_masks["blocks"]["attn"]["qkv"]["kernel"])
     thirds = lambda x: x.reshape(N, D, 3, D).sum(axis=(1, 3))  # noqa: E731
     np.testing.assert_array_equal(thirds(new), thirds(live))         # per part, per layer
@@ -266,8 +267,8 @@ def test_rigl_keeps_q_k_v_counts_of_the_fused_qkv_kernel():
 
 
 def test_gmp_follows_the_cubic_schedule():
-    m = methods.build(_config(method="gmp", density=0.2, update_start=0, update_end=20,
-                              update_every=5, prune_scope="layer"))
+    m = plan_lib.from_config(_config(method="gmp", density=0.2, update_start=0, update_end=20,
+                              update_every=5, prune_scope="layer")).method
     _, _, _, history, _ = _run(m, 24)
     jax.tree.map(lambda x: np.testing.assert_(bool(x.all())), history[0])  # starts dense
     for step in (5, 10, 15, 20):
@@ -279,18 +280,23 @@ def test_gmp_follows_the_cubic_schedule():
 
 
 def test_gmp_global_scope_total_exact():
-    m = methods.build(_config(method="gmp", density=0.3, update_end=10, prune_scope="global",
-                              sparse_layers="mlp/*"))
+    m = plan_lib.from_config(_config(method="gmp", density=0.3, update_end=10, prune_scope="global",
+                              sparse_layers="mlp/*")).method
     _, masks, _, _, _ = _run(m, 12)
     counts = _counts(masks, ("blocks/mlp/fc/kernel", "blocks/mlp/proj/kernel"))
     assert sum(int(np.sum(c)) for c in counts.values()) == M.n_keep(0.3, N * 2 * 16 * 64)
     assert bool(masks["blocks"]["attn"]["qkv"]["kernel"].all())
 
 
+def _max_density(c):
+    p = plan_lib.from_config(c)
+    return p.method.max_density(plan_lib.sparse_shapes(p.method, p.model))
+
+
 def test_max_layer_density():
-    assert methods.max_layer_density(_config(method="gmp", density=0.1)) == 1.0
-    assert methods.max_layer_density(_config(method="static", density=0.25)) == 0.25
-    erk = methods.max_layer_density(_config(method="rigl", density=0.25, distribution="erk"))
+    assert _max_density(_config(method="gmp", density=0.1)) == 1.0
+    assert _max_density(_config(method="static", density=0.25)) == 0.25
+    erk = _max_density(_config(method="rigl", density=0.25, distribution="erk"))
     assert erk > 0.25
 
 
@@ -299,15 +305,15 @@ def test_neuron_grow_balance_keeps_every_hidden_unit_degree(method):
     # grow_balance=neuron: each MLP channel (fc column, proj row) and attention head dim
     # (qkv column, out row) gets back exactly the live weights it lost; RigL picks them by
     # the largest dense gradient among that unit's dead weights.
-    m = methods.build(_config(method=method, density=0.25, drop_fraction=0.5,
-                              drop_fraction_schedule="constant", grow_balance="neuron"))
+    m = plan_lib.from_config(_config(method=method, density=0.25, drop_fraction=0.5,
+                              drop_fraction_schedule="constant", grow_balance="neuron")).method
     p = _params()
     masks = jax.jit(m.init_masks)(p, M.dense_masks(p), jax.random.key(0))
     p = M.apply_masks(p, masks)
     rng = np.random.default_rng(1)
     grads = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape), jnp.float32), p)
     opt = optax.adam(1e-3).init(p)
-    _, new_masks, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
+    _, new_masks, _, _ = jax.jit(m.update)(0, p, masks, grads, opt, jax.random.key(0))
     flat_old, flat_new = M.flatten(masks), M.flatten(new_masks)
     flat_w, flat_g = M.flatten(p), M.flatten(grads)
     for path in SPARSE:

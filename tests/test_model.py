@@ -9,7 +9,9 @@ import optax
 import pytest
 
 from sparse_gpt import config as config_lib
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.sparsity import masks as masks_lib
 from sparse_gpt.evaluation import sampling
 from sparse_gpt.training import step as train_lib
 
@@ -64,7 +66,7 @@ def test_masked_forward_equals_dense_model_with_zeroed_weights():
     model, variables, tokens = init(tiny_cfg())
     rng = np.random.default_rng(0)
     masks = jax.tree.map(lambda m: jnp.asarray(rng.random(m.shape) < 0.3), variables["masks"])
-    zeroed = train_lib.apply_masks(variables["params"], masks)
+    zeroed = masks_lib.apply_masks(variables["params"], masks)
     # Oracle: the dense model (no masks collection) with masked entries set to zero by hand.
     expected = model.apply({"params": zeroed}, tokens)
     got = model.apply({"params": variables["params"], "masks": masks}, tokens)
@@ -165,7 +167,7 @@ def test_presets_have_the_documented_sizes():
         c = config_lib.get_config(preset).model
         n = 12 * c.n_layers * c.d_model ** 2 + (c.vocab_size + c.max_len) * c.d_model
         assert abs(n - expected) / expected < 0.05, preset
-    cfg = model_lib.ModelConfig.from_config(config_lib.get_config("tiny"))
+    cfg = plan_lib.from_config(config_lib.get_config("tiny")).model
     shapes = jax.eval_shape(lambda: model_lib.GPT(cfg).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
@@ -188,4 +190,4 @@ def test_padding_rows_of_the_vocabulary_never_take_probability():
                                atol=1e-5)
     assert float(jax.nn.softmax(logits, axis=-1)[..., 60:].max()) == 0.0
     assert tiny_cfg(num_tokens=0).num_tokens == 0
-    assert model_lib.ModelConfig.from_config(config_lib.get_config("tiny")).num_tokens == 257
+    assert plan_lib.from_config(config_lib.get_config("tiny")).model.num_tokens == 257

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from sparse_gpt import config as config_lib
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.sparsity import masks as M
 from sparse_gpt.sparsity import methods
 from sparse_gpt.sparsity import prune as P
@@ -53,7 +54,7 @@ def _run(method, steps):
         dense = jax.grad(loss)(p)
         upd, opt = tx.update(M.apply_masks(dense, masks), opt, p)
         p = M.apply_masks(optax.apply_updates(p, upd), masks)
-        return (*method.update(i, p, masks, dense, opt, jax.random.key(3)), masks)
+        return (*method.update(i, p, masks, dense, opt, jax.random.key(3))[:3], masks)
 
     history = [masks]
     for i in range(steps):
@@ -77,7 +78,7 @@ def test_phase_boundaries_give_hand_computed_counts():
 
     Counts are round-half-even(density * size): fc has 1024 weights, out 256.
     """
-    m = methods.build(_config())
+    m = plan_lib.from_config(_config()).method
     hist = _run(m, 33)   # hist[s + 1] = masks after the update at step s
     expect = {
         -1: (1024, 256),            # dense start
@@ -112,7 +113,7 @@ def test_column_balanced_blocks_keep_structure_and_counts():
     """2x2 blocks, column-balanced (the block-sparse kernels' layout): fc has Kb = 8 blocks
     per output block column, so the per-column counts are round(8 d): 8, 2 (d = 0.2125),
     1 (0.1), 2 (0.3), 4 (0.5)."""
-    m = methods.build(_config(structure="block", block_size=2, sparse_layers="mlp/fc"))
+    m = plan_lib.from_config(_config(structure="block", block_size=2, sparse_layers="mlp/fc")).method
     hist = _run(m, 31)
     for step, per_col in {-1: 8, 5: 2, 10: 1, 15: 1, 25: 2, 30: 4}.items():
         mask = np.asarray(M.flatten(hist[step + 1])[FC])                # [2, 16, 64]
@@ -122,7 +123,7 @@ def test_column_balanced_blocks_keep_structure_and_counts():
 
 
 def test_scheduled_density_curve():
-    m = methods.build(_config(distribution="erk"))
+    m = plan_lib.from_config(_config(distribution="erk")).method
     masks = _masks(_params())
     phases = m.phase_densities(masks)
     u, f = phases[FC]
@@ -164,8 +165,8 @@ def test_mixed_regrow_split_with_constructed_scores():
 def test_mst_update_grows_three_quarters_by_gradient():
     """Ultra phase, constant prune fraction 0.5 on out (26 live): 13 dropped, 13 grown =
     round(0.25 * 13) = 3 at random + 10 by gradient."""
-    m = methods.build(_config(drop_fraction=0.5, drop_fraction_schedule="constant",
-                              sparse_layers="attn/out"))
+    m = plan_lib.from_config(_config(drop_fraction=0.5, drop_fraction_schedule="constant",
+                              sparse_layers="attn/out")).method
     p = _params()
     masks = m.sparse_masks(_masks(p))
     masks = P.prune(masks, P.magnitude(p, masks), {OUT: 0.1})   # the ultra-sparse topology
@@ -178,7 +179,7 @@ def test_mst_update_grows_three_quarters_by_gradient():
     top10 = favourite & (rank <= 10)
     grads = {"blocks": {"attn": {"out": {"kernel": jnp.asarray(grads, jnp.float32)}}}}
     opt = optax.adam(1e-3).init(p)
-    _, new, _ = jax.jit(m.update)(15, p, masks, grads, opt, jax.random.key(0))
+    _, new, _, _ = jax.jit(m.update)(15, p, masks, grads, opt, jax.random.key(0))
     new = np.asarray(M.flatten(new)[OUT])
     # The 13 smallest |w| of each matrix are dropped (and may be regrown, at random).
     w = np.where(live, np.abs(np.asarray(p["blocks"]["attn"]["out"]["kernel"])), np.inf)
@@ -202,22 +203,22 @@ def test_mst_update_grows_three_quarters_by_gradient():
 ])
 def test_build_rejects_bad_mst_config(overrides, message):
     with pytest.raises(ValueError, match=message):
-        methods.build(_config(**overrides))
+        plan_lib.from_config(_config(**overrides)).method
 
 
 def test_defaults_registration_and_budget():
     c = _config(mst_warmup_end=-1, mst_ultra_end=-1, update_end=-1)
-    m = methods.build(c)
+    m = plan_lib.from_config(c).method
     s = m.settings
     assert type(m) is methods.MST and methods.METHODS["mst"] is methods.MST
     assert m.needs_dense_grads and hash(m) == hash(m)
-    assert (s.update_end, s.mst_warmup_end, s.mst_ultra_end) == (30, 8, 22)  # 75% of 40
-    assert (s.mst_final_density, s.mst_random_grow_fraction) == (0.5, 0.25)
-    assert methods.max_layer_density(c) == 1.0   # starts dense: the block budget is full
+    assert (s.update_end, m.mst_warmup_end, m.mst_ultra_end) == (30, 8, 22)  # 75% of 40
+    assert (m.mst_final_density, m.mst_random_grow_fraction) == (0.5, 0.25)
+    assert plan_lib.from_config(c).model.block_density == 1.0   # starts dense: the block budget is full
     p = _params()
     jax.tree.map(np.testing.assert_array_equal, m.init_masks(p, _masks(p), None), _masks(p))
     # A final density below the ultra density means no restoration (never prunes there).
-    flat = methods.build(_config(mst_final_density=0.05)).phase_densities(_masks(p))
+    flat = plan_lib.from_config(_config(mst_final_density=0.05)).method.phase_densities(_masks(p))
     assert flat[FC] == (0.1, 0.1)
 
 
@@ -264,6 +265,6 @@ def test_dense_gradient_only_before_the_updates_that_grow(k):
     # Updates at 0, 5, ..., 30 (update_every=5, update_end=30); warm-up ends at 10, so the
     # updates at 0 and 5 only prune and need no dense gradient. With grow_grad_steps=k the
     # k steps ending at each growing update compute it.
-    m = methods.build(_config(grow_grad_steps=k))
+    m = plan_lib.from_config(_config(grow_grad_steps=k)).method
     dense = [s for s in range(40) if bool(m.dense_grad_step(jnp.asarray(s)))]
     assert dense == [u - j for u in (10, 15, 20, 25, 30) for j in reversed(range(k))]

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from sparse_gpt import config as config_lib
+from sparse_gpt.model import omission as omission_lib
+from sparse_gpt.model.context import StepContext
+from sparse_gpt import plan as plan_lib
 from sparse_gpt import flops as flops_lib
 from sparse_gpt.model import gpt as model_lib
 from sparse_gpt.sparsity import sat
@@ -20,7 +23,8 @@ def _model_and_params(seed=0):
     c = config_lib.get_config("tiny")
     c.unlock()
     c.model.update(n_layers=N, d_model=D, n_heads=H, max_len=L)
-    model = model_lib.GPT(model_lib.ModelConfig.from_config(c))
+    c.data.seq_len = L
+    model = model_lib.GPT(plan_lib.from_config(c).model)
     tokens = jax.random.randint(jax.random.key(seed + 1), (2, L), 0, 256)
     params = model.init(jax.random.key(seed), tokens)["params"]
     # Non-zero biases so a missing bias gather would show.
@@ -31,8 +35,8 @@ def _model_and_params(seed=0):
 
 def _loss(model, omission):
     def fn(params, tokens):
-        logits = train_lib.forward(params, None, tokens, model, omission=omission,
-                                   rng=jax.random.key(5))
+        logits = train_lib.forward(params, None, tokens, model,
+                                   StepContext(omission=omission, rng=jax.random.key(5)))
         return jnp.mean(jnp.square(logits[..., :256]))
     return fn
 
@@ -54,7 +58,7 @@ def _magnitude_choice(params, keep_heads, keep_channels):
 
 def test_omitted_units_get_exactly_zero_gradient():
     model, params, tokens = _model_and_params()
-    om = sat.Omission(keep_heads=2, keep_channels=48, metric="magnitude")
+    om = omission_lib.Omission(keep_heads=2, keep_channels=48, metric="magnitude")
     grads = jax.grad(_loss(model, om))(params, tokens)
     heads, channels = _magnitude_choice(params, 2, 48)
     g = jax.tree.map(np.asarray, grads["blocks"])
@@ -80,8 +84,9 @@ def test_omitted_units_get_exactly_zero_gradient():
 def test_omitted_forward_equals_dense_model_with_those_units_zeroed():
     """Oracle: dropping a head's output rows / a channel's proj row from the dense model."""
     model, params, tokens = _model_and_params(seed=2)
-    om = sat.Omission(keep_heads=3, keep_channels=40, metric="magnitude")
-    got = train_lib.forward(params, None, tokens, model, omission=om, rng=jax.random.key(0))
+    om = omission_lib.Omission(keep_heads=3, keep_channels=40, metric="magnitude")
+    got = train_lib.forward(params, None, tokens, model,
+                            StepContext(omission=om, rng=jax.random.key(0)))
     heads, channels = _magnitude_choice(params, 3, 40)
     zeroed = jax.tree.map(np.array, params)
     for n in range(N):
@@ -99,7 +104,7 @@ def test_scores_match_numpy():
     w_in = rng.standard_normal((6, 4, 3)).astype(np.float32)   # 4 units of 3 columns
     w_out = rng.standard_normal((4, 3, 6)).astype(np.float32)
     key = jax.random.key(0)
-    got = {m: np.asarray(sat.unit_scores(m, x, w_in, w_out, key, probe_tokens=7))
+    got = {m: np.asarray(omission_lib.unit_scores(m, x, w_in, w_out, key, probe_tokens=7))
            for m in ("magnitude", "wanda", "max_inner_product")}
     np.testing.assert_allclose(got["magnitude"],
                                np.abs(w_in).sum((0, 2)) + np.abs(w_out).sum((1, 2)), rtol=1e-5)
@@ -109,21 +114,21 @@ def test_scores_match_numpy():
     probe = x.reshape(-1, 6)[:7]
     mip = np.abs(np.einsum("pd,dus->pus", probe, w_in)).max((0, 2))
     np.testing.assert_allclose(got["max_inner_product"], mip, rtol=1e-5)
-    u = np.asarray(sat.unit_scores("uniform", x, w_in, w_out, key, 7))
+    u = np.asarray(omission_lib.unit_scores("uniform", x, w_in, w_out, key, 7))
     assert u.shape == (4,) and np.all((u >= 0) & (u < 1))
 
 
 def test_topk_selection_and_proportional_sampling():
     scores = jnp.asarray([0.5, 3.0, 1.0, 3.0, 0.0])
-    np.testing.assert_array_equal(sat.select(scores, 3, "topk", jax.random.key(0)), [1, 2, 3])
+    np.testing.assert_array_equal(omission_lib.select(scores, 3, "topk", jax.random.key(0)), [1, 2, 3])
     # keep=1 by Gumbel-top-k picks unit i with probability s_i / sum(s) exactly.
     p = np.array([0.1, 0.2, 0.3, 0.4, 0.0])
     keys = jax.random.split(jax.random.key(1), 20000)
-    picks = np.asarray(jax.vmap(lambda k: sat.select(jnp.asarray(p), 1, "sample", k))(keys))
+    picks = np.asarray(jax.vmap(lambda k: omission_lib.select(jnp.asarray(p), 1, "sample", k))(keys))
     freq = np.bincount(picks[:, 0], minlength=5) / len(keys)
     np.testing.assert_allclose(freq, p, atol=0.015)
     # Sampling without replacement never repeats a unit and avoids zero scores when it can.
-    many = np.asarray(jax.vmap(lambda k: sat.select(jnp.asarray(p), 4, "sample", k))(keys[:200]))
+    many = np.asarray(jax.vmap(lambda k: omission_lib.select(jnp.asarray(p), 4, "sample", k))(keys[:200]))
     assert all(len(set(row)) == 4 and 4 not in row for row in many)
 
 
@@ -154,11 +159,11 @@ def _sat_config(**sat_overrides):
 
 def test_train_step_follows_the_ladder_and_counts_flops():
     c = _sat_config(metric="wanda", selection="sample")
-    model, tx, method = train_lib.build(c)
-    plan = sat.from_config(c)
+    model, tx, method = train_lib.build(plan_lib.from_config(c))
+    plan = plan_lib.from_config(c).sat
     assert plan.rates == (0.5, 0.25, 0.0) and plan.boundaries == (4, 6)
     step = jax.jit(train_lib.make_train_step(model, tx, method, sat=plan))
-    state = train_lib.init_state(c, model, tx, method, jax.random.key(0))
+    state = train_lib.init_state(plan_lib.from_config(c), model, tx, method, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, L + 1), 0, 256)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "weights": jnp.ones((2, L), jnp.float32)}
@@ -173,8 +178,9 @@ def test_train_step_follows_the_ladder_and_counts_flops():
     assert step._cache_size() == 1   # the ladder never recompiles
     for rate, got in ((0.5, flops[0]), (0.25, flops[4]), (0.0, flops[7])):
         keep_h, keep_c = sat.keep_count(H, rate) / H, sat.keep_count(F, rate) / F
-        want = flops_lib.step_flops(c.model, state.masks, 2, L, kept_heads=keep_h,
-                                    kept_channels=keep_c)["sparse"]
+        om = plan_lib.from_config(c).sat.omission(plan.rates.index(rate))
+        want = flops_lib.step_flops(model.cfg, state.masks, 2, L,
+                                    StepContext(omission=om))["sparse"]
         # By hand: 6 T (kept D*3D + kept D*D) + 6 T (kept 2 D F) + attention + head.
         t = 2 * L
         hand = (6 * t * N * (keep_h * 4 * D * D + keep_c * 2 * D * F)
@@ -192,20 +198,19 @@ def test_train_step_follows_the_ladder_and_counts_flops():
 ])
 def test_bad_settings_are_explained(overrides, match):
     with pytest.raises(ValueError, match=match):
-        sat.from_config(_sat_config(**overrides))
+        plan_lib.from_config(_sat_config(**overrides)).sat
 
 
 def test_sat_refuses_dense_gradient_methods_and_block_sparse_matmul():
     c = _sat_config()
     c.sparsity.update(method="rigl", density=0.5)
-    model, tx, method = train_lib.build(c)
     with pytest.raises(ValueError, match="dense-gradient"):
-        train_lib.make_train_step(model, tx, method, sat=sat.from_config(c))
+        plan_lib.from_config(c)
     model, params, tokens = _model_and_params()
     blocky = model_lib.GPT(model.cfg.__class__(**{**model.cfg.__dict__,
                                                   "matmul": "block_sparse"}))
     masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool),
                          model.init(jax.random.key(0), tokens)["masks"])
     with pytest.raises(ValueError, match="matmul=masked"):
-        train_lib.forward(params, masks, tokens, blocky, omission=sat.Omission(keep_heads=2),
-                          rng=jax.random.key(0))
+        train_lib.forward(params, masks, tokens, blocky, StepContext(
+            omission=omission_lib.Omission(keep_heads=2), rng=jax.random.key(0)))

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparse_gpt import cli, plan
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.training import checkpoint
 from sparse_gpt.parallel import sharding
 from sparse_gpt.training import step as train_lib
@@ -49,9 +50,9 @@ def batches(config, n=STEPS):
 
 def train_curve(config, devices):
     """Losses of STEPS steps on a mesh over ``devices`` (config.mesh sizes), final state."""
-    model, tx, method = train_lib.build(config)
+    model, tx, method = train_lib.build(plan_lib.from_config(config))
     mesh = sharding.make_mesh(config.mesh, devices)
-    steps = trainer.make_steps(config, model, tx, method, mesh, compiler_options=FAST)
+    steps = trainer.make_steps(plan_lib.from_config(config), model, tx, method, mesh, compiler_options=FAST)
     state = steps.init(jax.random.key(0))
     losses = []
     for batch in batches(config):
@@ -91,10 +92,10 @@ def test_sharded_training_matches_one_device(one_device, shape, extra):
 
 def test_masks_and_optimizer_state_take_their_params_shardings():
     config = small_config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.stage": 2})
-    model, tx, method = train_lib.build(config)
+    model, tx, method = train_lib.build(plan_lib.from_config(config))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.parse_rules(config.mesh.rules)
-    init_fn = lambda rng: train_lib.init_state(config, model, tx, method, rng)  # noqa: E731
+    init_fn = lambda rng: train_lib.init_state(plan_lib.from_config(config), model, tx, method, rng)  # noqa: E731
     sh = sharding.state_shardings(init_fn, model, tx, mesh, rules, config.data.seq_len)
     params = sh.params["blocks"]
     assert params["mlp"]["fc"]["kernel"].spec == P("stage", "fsdp", "tensor")
@@ -110,8 +111,8 @@ def test_masks_and_optimizer_state_take_their_params_shardings():
 
 def test_a_checkpoint_restores_onto_the_mesh(tmp_path):
     config = small_config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.stage": 2})
-    model, tx, method = train_lib.build(config)
-    steps = trainer.make_steps(config, model, tx, method, compiler_options=FAST)
+    model, tx, method = train_lib.build(plan_lib.from_config(config))
+    steps = trainer.make_steps(plan_lib.from_config(config), model, tx, method, compiler_options=FAST)
     state = steps.init(jax.random.key(0))
     abstract = jax.eval_shape(steps.init, jax.random.key(0))   # what restore_or_init uses
     meta = checkpoint.make_meta(model.cfg, abstract)
@@ -192,5 +193,5 @@ def test_a_mesh_that_does_not_divide_the_model_fails_with_the_fix(overrides, mes
     config = small_config(**overrides)
     with pytest.raises(ValueError, match=message):
         plan.validate(config)
-        model, tx, method = train_lib.build(config)
-        trainer.make_steps(config, model, tx, method)
+        model, tx, method = train_lib.build(plan_lib.from_config(config))
+        trainer.make_steps(plan_lib.from_config(config), model, tx, method)

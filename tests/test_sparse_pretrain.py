@@ -17,6 +17,8 @@ import pytest
 
 import kernels
 from sparse_gpt import cli, flops
+from sparse_gpt import plan as plan_lib
+from sparse_gpt.model import gpt as model_lib
 from sparse_gpt.training import checkpoint
 from sparse_gpt.sparsity import methods
 from sparse_gpt.parallel import pipeline
@@ -50,12 +52,12 @@ def override(config, **items):
 def test_every_preset_builds_block_sparse_masks_of_the_configured_density(preset, sparsity):
     c = cli.load_config(f"{FAMILY_FILE}:{preset},{sparsity}")
     density = 1 - float(sparsity) / 100
-    model, tx, method = train_lib.build(c)
-    state = jax.eval_shape(lambda r: train_lib.init_state(c, model, tx, method, r),
+    model, tx, method = train_lib.build(plan_lib.from_config(c))
+    state = jax.eval_shape(lambda r: train_lib.init_state(plan_lib.from_config(c), model, tx, method, r),
                            jax.random.key(0))
     masks, params = masks_lib.flatten(state.masks), masks_lib.flatten(state.params)
     # The four projections are sparse; embeddings, LayerNorms and the tied head are dense.
-    assert sorted(masks) == sorted(flops.KERNELS)
+    assert sorted(masks) == sorted(model_lib.KERNELS)
     assert {"wte/embedding", "ln_f/scale"} <= set(params) - set(masks)
     for path, m in masks.items():
         assert m.dtype == jnp.bool_ and m.shape == params[path].shape
@@ -63,7 +65,7 @@ def test_every_preset_builds_block_sparse_masks_of_the_configured_density(preset
     b = c.sparsity.block_size
     assert (c.model.matmul, c.sparsity.method, c.sparsity.structure,
             c.sparsity.block_balance) == ("block_sparse", "static", "block", "column")
-    assert model.cfg.block_density == methods.max_layer_density(c) == density
+    assert model.cfg.block_density == plan_lib.from_config(c).model.block_density == density
     for path, target in method.target_densities(state.masks).items():
         _, k, n = masks[path].shape
         units = method.settings.structure.units(masks[path].shape)
@@ -73,9 +75,8 @@ def test_every_preset_builds_block_sparse_masks_of_the_configured_density(preset
     # The big presets pipeline their blocks over stages (8 fake devices here).
     stages = sharding.mesh_shape(c.mesh, jax.device_count())["stage"]
     assert stages == sparse_pretrain.STAGES.get(preset, (1, 0))[0]
-    if stages > 1:
-        pipeline.PipelineConfig.from_config(c.mesh, stages).validate(c.model.n_layers,
-                                                                      c.train.batch_size)
+    pcfg = plan_lib.from_config(c).pipeline             # validated against the model
+    assert (pcfg.num_stages if pcfg else 1) == stages
     assert c.sparsity.dense_finetune_start == -1       # the dense phase is opt-in
 
 
@@ -83,8 +84,8 @@ def test_every_preset_builds_block_sparse_masks_of_the_configured_density(preset
 def test_initial_masks_hold_the_density_in_every_block_column(arg):
     # Blocks of 16, 64 and 128; one full-width layer, as the density is per matrix.
     c = override(sparse_pretrain.get_config(arg), model__n_layers=1)
-    _, _, method = train_lib.build(c)
-    ones = {p: jnp.ones(s, jnp.bool_) for p, s in flops.kernel_shapes(c.model).items()}
+    _, _, method = train_lib.build(plan_lib.from_config(c))
+    ones = {p: jnp.ones(s, jnp.bool_) for p, s in plan_lib.from_config(c).model.kernel_shapes().items()}
     masks = jax.jit(method.init_masks)(None, masks_lib.unflatten(ones), jax.random.key(3))
     b, density = c.sparsity.block_size, c.sparsity.density
     for path, m in masks_lib.flatten(masks).items():
@@ -96,7 +97,7 @@ def test_initial_masks_hold_the_density_in_every_block_column(arg):
 @pytest.mark.slow  # the training test below covers it through the trainer
 def test_all_live_masks_leave_the_kernel_for_the_dense_product():
     c = override(sparse_pretrain.get_config("tiny,87.5,local"), model__n_layers=1)
-    model, _, method = train_lib.build(c)
+    model, _, method = train_lib.build(plan_lib.from_config(c))
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 256)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     params = variables["params"]   # not masked: a dense product would differ from a sparse one
@@ -120,14 +121,18 @@ def test_dense_phase_lift_is_one_commit_and_catches_up_after_a_resume():
     params = {"blocks": {"mlp": {"fc": {"kernel": jnp.where(k_mask, 2.0, 0.0)}}}}
     tx = optax.adam(1e-3)
     opt = jax.tree.map(lambda x: x + 1.0, tx.init(params))     # non-zero moments everywhere
-    method = methods.Static(methods.Settings(method="static", density=0.5,
-                                             sparse_layers=("mlp/fc",), dense_finetune_start=3))
+    settings = methods.Settings(
+        method="static", density=0.5, distribution="uniform", explicit=(),
+        structure=masks_lib.UNSTRUCTURED, sparse_layers=("mlp/fc",), init="random",
+        update_every=100, drop_fraction=0.3, drop_fraction_schedule="cosine", update_start=0,
+        update_end=7, grow_init="zeros")
+    method = methods.Static(settings=settings, dense_finetune_start=3)
     update = jax.jit(method.update)
     rng = jax.random.key(0)
-    p, m, o = update(1, params, masks, None, opt, rng)          # before the boundary: nothing
+    p, m, o, _ = update(1, params, masks, None, opt, rng)          # before the boundary: nothing
     assert not bool(masks_lib.all_live(m))
     for step in (2, 7):   # the update ending step 3 lifts; a resumed state past it catches up
-        p, m, o = update(step, params, masks, None, opt, rng)
+        p, m, o, _ = update(step, params, masks, None, opt, rng)
         np.testing.assert_array_equal(m["blocks"]["mlp"]["fc"]["kernel"], True)
         np.testing.assert_array_equal(p["blocks"]["mlp"]["fc"]["kernel"], [[2, 0], [0, 2]])
         mu = o[0].mu["blocks"]["mlp"]["fc"]["kernel"]
@@ -182,7 +187,7 @@ def test_kernel_run_matches_the_masked_oracle_lifts_to_dense_and_resumes(corpus,
     # metrics.jsonl: density and FLOPs per step are the masks' (sparse, then dense).
     assert [r["density"] for r in rows] == [0.125] * 4 + [1.0] * 2
     per_step = np.diff([0.0] + [r["flops"] for r in rows])
-    want = flops.step_flops(kernel.model, at2.masks, 8, 32)
+    want = flops.step_flops(plan_lib.from_config(kernel).model, at2.masks, 8, 32)
     np.testing.assert_allclose(per_step[:4], float(want["sparse"]), rtol=1e-5)
     np.testing.assert_allclose(per_step[4:], rows[0]["dense_flops_per_step"], rtol=1e-5)
     assert per_step[0] < 0.5 * per_step[-1]
@@ -214,7 +219,7 @@ def test_bad_family_arguments_name_the_fix(arg, match):
     ({"sparsity__dense_finetune_start": 0}, r"-1 \(no dense phase\) or a step in .* = \[1, 599\]"),
     ({"sparsity__dense_finetune_start": -2}, r"-1 \(no dense phase\)"),
     ({"sparsity__dense_finetune_start": 500, "sparsity__method": "rigl"},
-     r"needs --config.sparsity.method=static \(got 'rigl'\)"),
+     r"dense_finetune_start=500 is not read by method=rigl \(it is a setting of static\)"),
     ({"sparsity__dense_finetune_start": 500, "attention__sparse_end": -1},
      r"attention.sparse_end=0.*matmul=masked"),
     ({"sparsity__dense_finetune_start": 500, "sat__omission_rate": 0.5},
@@ -223,20 +228,20 @@ def test_bad_family_arguments_name_the_fix(arg, match):
 def test_bad_dense_phase_settings_name_the_fix(items, match):
     c = override(sparse_pretrain.get_config("tiny"), **items)
     with pytest.raises(ValueError, match=match):
-        methods.build(c)
+        plan_lib.from_config(c).method
 
 
 def test_dense_phase_from_a_fraction_and_the_local_variants():
     c = sparse_pretrain.get_config("gpt-13b,75,dense_ft=0.1")
     assert c.sparsity.dense_finetune_start == 90_000 and c.train.num_steps == 100_000
     assert c.preset == "sparse_pretrain-gpt-13b-75-dt0.1"
-    methods.build(c)
+    plan_lib.from_config(c).method
     for preset in config_lib.PRESETS:   # the toy shape keeps the recipe, stages included
         local = sparse_pretrain.get_config(f"{preset},87.5,dense_ft=0.25,local")
         full = sparse_pretrain.get_config(preset)
         assert local.mesh.stage == full.mesh.stage and local.model.matmul == "block_sparse"
         assert local.sparsity.dense_finetune_start == 15 and local.data.tokenizer == "byte"
-        train_lib.build(local)
+        train_lib.build(plan_lib.from_config(local))
 
 
 @pytest.mark.slow

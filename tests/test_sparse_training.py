@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sparse_gpt import cli, flops
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.training import step as train_lib
 from sparse_gpt.sparsity import masks as masks_lib
 
@@ -34,8 +35,8 @@ def batches(n, vocab=257, seed=0):
 
 
 def run(config, steps):
-    model, tx, method = train_lib.build(config)
-    state = jax.jit(lambda r: train_lib.init_state(config, model, tx, method, r))(
+    model, tx, method = train_lib.build(plan_lib.from_config(config))
+    state = jax.jit(lambda r: train_lib.init_state(plan_lib.from_config(config), model, tx, method, r))(
         jax.random.key(0))
     step = jax.jit(train_lib.make_train_step(model, tx, method))
     history = []
@@ -47,8 +48,8 @@ def run(config, steps):
 
 def test_block_sparse_kernel_path_matches_masked_oracle_in_the_model():
     dense_cfg, kernel_cfg = make_config(), make_config(matmul="block_sparse")
-    model, _, method = train_lib.build(dense_cfg)
-    kernel_model, _, _ = train_lib.build(kernel_cfg)
+    model, _, method = train_lib.build(plan_lib.from_config(dense_cfg))
+    kernel_model, _, _ = train_lib.build(plan_lib.from_config(kernel_cfg))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))
     masks = method.init_masks(variables["params"], variables["masks"], jax.random.key(1))
     assert 0.45 < float(flops.density(masks)) < 0.55
@@ -92,8 +93,8 @@ def test_rigl_grows_by_the_dense_gradient_summed_over_grow_grad_steps():
     config = make_config(structure="unstructured", update_every=4, grow_grad_steps=3,
                          sparse_layers="mlp/fc", drop_fraction=0.5,
                          drop_fraction_schedule="constant")
-    model, tx, method = train_lib.build(config)
-    state = jax.jit(lambda r: train_lib.init_state(config, model, tx, method, r))(
+    model, tx, method = train_lib.build(plan_lib.from_config(config))
+    state = jax.jit(lambda r: train_lib.init_state(plan_lib.from_config(config), model, tx, method, r))(
         jax.random.key(0))
     step = jax.jit(train_lib.make_train_step(model, tx, method))
     dense_grad = jax.jit(jax.grad(lambda p, b: train_lib.loss_fn(p, None, b, model)))
@@ -106,7 +107,7 @@ def test_rigl_grows_by_the_dense_gradient_summed_over_grow_grad_steps():
         summed = summed + g if i >= 2 else 0.0
         before = state.flops
         state, metrics = step(state, batch)
-        acc = np.asarray(masks_lib.flatten(state.grow_grads)[path])
+        acc = np.asarray(masks_lib.flatten(state.sparsity_state)[path])
         if i in (2, 3):      # inside the window: the running sum is carried
             np.testing.assert_allclose(acc, summed, rtol=1e-4, atol=1e-7)
         else:                # after an update, or outside a window: empty

@@ -143,6 +143,10 @@ class HybridAttention:
         except ValueError as e:
             raise ValueError(f"attention.block_size: {e}") from None
 
+    def check_length(self, seq_len: int) -> None:
+        """Raises ValueError, naming the key, when the block size does not fit ``seq_len``."""
+        kernels.attention_meta(self.pattern, seq_len, self.block_size)
+
     def active(self, step) -> jax.Array:
         """Traced bool: whether ``step`` is inside the sparse window."""
         step = jnp.asarray(step, jnp.int32)
@@ -185,9 +189,9 @@ class HybridAttention:
         return float(block_mask(self.pattern, seq_len, self.block_size).sum()
                      * self.block_size ** 2)
 
-    def pairs_at(self, step, seq_len: int) -> jax.Array:
-        """Traced pairs at ``step``: :meth:`pairs` inside the window, ``L^2`` outside."""
-        return jnp.where(self.active(step), self.pairs(seq_len), float(seq_len) ** 2)
+    def metrics(self, step) -> dict[str, jax.Array]:
+        """What the step reports: ``sparse_attention`` 1.0 inside the window, else 0.0."""
+        return {"sparse_attention": self.active(step).astype(jnp.float32)}
 
 
 @flax.struct.dataclass
@@ -201,33 +205,10 @@ class Switch:
     on: jax.Array
     spec: HybridAttention = flax.struct.field(pytree_node=False)
 
+    def pairs(self, seq_len: int) -> jax.Array:
+        """Traced (query, key) pairs per sequence and head this step (FLOP counting)."""
+        return jnp.where(self.on, self.spec.pairs(seq_len), float(seq_len) ** 2)
+
     def __call__(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK) -> jax.Array:
         return lax.cond(self.on, self.spec.attend, dense_attention,
                         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
-
-
-def from_config(config) -> HybridAttention | None:
-    """``HybridAttention`` of a run config, or None without a non-empty sparse window
-    (``sparse_end=0``, the default, or ``sparse_end == sparse_start``).
-
-    Args:
-      config: the full config (``attention``, ``data.seq_len``, ``train.num_steps`` read).
-
-    Raises:
-      ValueError: unknown pattern/impl/backend, bad sizes, a window out of order, or a block
-        size that does not divide ``data.seq_len``; the message names the key to fix.
-    """
-    a = config.get("attention")
-    if a is None:
-        return None
-    if int(a.sparse_end) == 0:
-        return None
-    end = int(config.train.num_steps) if int(a.sparse_end) < 0 else int(a.sparse_end)
-    spec = HybridAttention(
-        pattern=Pattern(str(a.pattern), int(a.window), int(a.stride), int(a.summary)),
-        block_size=int(a.block_size), start=int(a.sparse_start), end=end, impl=str(a.impl),
-        backend=str(a.backend))
-    if spec.end <= spec.start:
-        return None
-    kernels.attention_meta(spec.pattern, int(config.data.seq_len), spec.block_size)
-    return spec

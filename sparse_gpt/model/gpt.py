@@ -24,18 +24,25 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from sparse_gpt.sparsity import sat as sat_lib
-from sparse_gpt.data import tokenizers
+from sparse_gpt.model import omission as omission_lib
+from sparse_gpt.model.context import StepContext
 from sparse_gpt.model.layers import SparseDense, logical_init
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# The maskable kernels (the four projections of every block), relative to the params root.
+KERNELS = ("blocks/attn/qkv/kernel", "blocks/attn/out/kernel",
+           "blocks/mlp/fc/kernel", "blocks/mlp/proj/kernel")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hashable model hyper-parameters (see ``config.base_config().model``)."""
+    """Hashable model hyper-parameters (see ``config.base_config().model``); built from a run
+    config by ``sparse_gpt.plan``, which also sets the values the model takes from other
+    sections: the block size and budget (``block_density``, the densest layer the sparsity
+    method will hold) and ``num_tokens`` (the tokenizer's vocabulary)."""
     vocab_size: int = 264
     n_layers: int = 4
     d_model: int = 128
@@ -61,20 +68,10 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
-        """Builds the model config from a full run config (``model`` + ``sparsity``)."""
-        m = config.model
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in m.items() if k in names}
-        kwargs["block_size"] = config.sparsity.block_size
-        kwargs["num_tokens"] = tokenizers.VOCAB_SIZES.get(config.data.tokenizer, 0)
-        if m.matmul == "block_sparse":
-            from sparse_gpt.sparsity import methods# the budget covers the densest layer ever held
-            kwargs["block_density"] = methods.max_layer_density(config)
-        mc = cls(**kwargs)
-        mc.validate()
-        return mc
+    def kernel_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Shapes ``[N_layers, K, N]`` of the maskable projection kernels (``KERNELS``)."""
+        n, d, f = self.n_layers, self.d_model, self.ff
+        return dict(zip(KERNELS, [(n, d, 3 * d), (n, d, d), (n, d, f), (n, f, d)]))
 
     def validate(self) -> None:
         """Raises ValueError on shapes the model cannot build."""
@@ -136,30 +133,30 @@ def rope(x_BxLxHxK: jax.Array) -> jax.Array:
 class Attention(nn.Module):
     """Causal multi-head self-attention with a fused QKV projection.
 
-    ``omission`` (a ``sat.Omission`` or None): compute only ``keep_heads`` heads this call,
-    chosen by its importance metric; the others cost nothing and get zero gradient.
+    ``ctx.omission`` (SAT, or None): compute only ``keep_heads`` heads this call, chosen by
+    its importance metric; the others cost nothing and get zero gradient. ``ctx.attention``
+    (hybrid sparse attention, or None): the sparse pattern while its traced flag is on.
     """
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, sparse_attention: Any = None,
-                 omission: Any = None) -> jax.Array:
-        cfg = self.cfg
+    def __call__(self, x_BxLxD: jax.Array, ctx: StepContext = StepContext()) -> jax.Array:
+        cfg, omission = self.cfg, ctx.omission
         b, seq_len, d = x_BxLxD.shape
         n_heads, cols, rows = cfg.n_heads, None, None
         if _omitting(self, omission, getattr(omission, "keep_heads", None)):
             p = self.variables["params"]
             qkv_Dx3xHxK = p["qkv"]["kernel"].reshape(d, 3, cfg.n_heads, cfg.head_dim)
             out_HxKxD = p["out"]["kernel"].reshape(cfg.n_heads, cfg.head_dim, d)
-            scores_H = sat_lib.unit_scores(
+            scores_H = omission_lib.unit_scores(
                 omission.metric, x_BxLxD, qkv_Dx3xHxK.transpose(0, 2, 1, 3).reshape(
                     d, cfg.n_heads, 3 * cfg.head_dim), out_HxKxD, self.make_rng("sat"),
                 omission.probe_tokens)
-            heads_h = sat_lib.select(scores_H, omission.keep_heads, omission.selection,
+            heads_h = omission_lib.select(scores_H, omission.keep_heads, omission.selection,
                                      self.make_rng("sat"))
             n_heads = omission.keep_heads
-            cols = sat_lib.head_columns(cfg.n_heads, cfg.head_dim, heads_h)
-            rows = sat_lib.head_rows(cfg.head_dim, heads_h)
+            cols = omission_lib.head_columns(cfg.n_heads, cfg.head_dim, heads_h)
+            rows = omission_lib.head_rows(cfg.head_dim, heads_h)
         qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std, ("embed", "qkv"))(
             x_BxLxD, out_index=cols)
         q, k, v = jnp.split(qkv_BxLx3D.reshape(b, seq_len, 3, n_heads, cfg.head_dim), 3,
@@ -167,30 +164,30 @@ class Attention(nn.Module):
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t[:, :, 0] for t in (q, k, v))
         if cfg.use_rope:
             q_BxLxHxK, k_BxLxHxK = rope(q_BxLxHxK), rope(k_BxLxHxK)
-        if sparse_attention is None:
+        if ctx.attention is None:
             out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
                                                        is_causal=True)
         else:  # attention.Switch: the sparse pattern while its traced flag is on
-            out_BxLxHxK = sparse_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+            out_BxLxHxK = ctx.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
         return _dense(cfg, d, "out", out_std, ("heads", "embed"), in_features=d)(
             out_BxLxHxK.reshape(b, seq_len, n_heads * cfg.head_dim), in_index=rows)
 
 
 class MLP(nn.Module):
-    """GELU MLP: D -> F -> D; with ``omission``, only ``keep_channels`` of the F channels."""
+    """GELU MLP: D -> F -> D; with ``ctx.omission``, only ``keep_channels`` of F channels."""
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, omission: Any = None) -> jax.Array:
-        cfg = self.cfg
+    def __call__(self, x_BxLxD: jax.Array, ctx: StepContext = StepContext()) -> jax.Array:
+        cfg, omission = self.cfg, ctx.omission
         channels = None
         if _omitting(self, omission, getattr(omission, "keep_channels", None)):
             p = self.variables["params"]
-            scores_F = sat_lib.unit_scores(
+            scores_F = omission_lib.unit_scores(
                 omission.metric, x_BxLxD, p["fc"]["kernel"][:, :, None],
                 p["proj"]["kernel"][:, None, :], self.make_rng("sat"), omission.probe_tokens)
-            channels = sat_lib.select(scores_F, omission.keep_channels, omission.selection,
+            channels = omission_lib.select(scores_F, omission.keep_channels, omission.selection,
                                       self.make_rng("sat"))
         h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std, ("embed", "mlp"))(
             x_BxLxD, out_index=channels))
@@ -205,21 +202,21 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, sparse_attention: Any = None,
-                 omission: Any = None) -> tuple[jax.Array, None]:
+    def __call__(self, x_BxLxD: jax.Array,
+                 ctx: StepContext = StepContext()) -> tuple[jax.Array, None]:
         x_BxLxD = _residual(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln1")(x_BxLxD),
-                                                             sparse_attention, omission)
+                                                             ctx)
         x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln2")(x_BxLxD),
-                                                      omission)
+                                                      ctx)
         return _residual(x_BxLxD), None
 
 
 def stacked_blocks(cfg: ModelConfig, length: int, name: str = "blocks") -> nn.Module:
     """``length`` decoder blocks under one ``nn.scan`` (params and masks stacked on axis 0)."""
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-    # in_axes=broadcast: every layer gets the same sparse_attention switch and SAT omission
-    # spec (or None); the "sat" rng is split so each layer draws its own units.
+    # in_axes=broadcast: every layer gets the same step context (attention switch, SAT
+    # omission spec); the "sat" rng is split so each layer draws its own units.
     scanned = nn.scan(block, variable_axes={"params": 0, "masks": 0},
                       split_rngs={"params": True, "sat": True}, length=length,
                       in_axes=nn.broadcast,
@@ -269,16 +266,13 @@ class GPT(nn.Module):
             logits_BxLxV = jnp.where(real_V, logits_BxLxV, -1e9)
         return logits_BxLxV
 
-    def __call__(self, tokens_BxL: jax.Array, sparse_attention: Any = None,
-                 omission: Any = None) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, ctx: StepContext = StepContext()) -> jax.Array:
         """Logits ``[B, L, V]``.
 
         Args:
           tokens_BxL: input tokens.
-          sparse_attention: an ``attention.Switch`` (MST's hybrid attention, traced on/off
-            flag) or None for dense causal attention.
-          omission: a ``sat.Omission`` (SAT: heads and MLP channels computed per layer; needs
-            a ``"sat"`` rng) or None for all of them.
+          ctx: the step's modifiers (``context.StepContext``: hybrid attention switch, SAT
+            omission; SAT needs a ``"sat"`` rng); the default is the plain model.
         """
-        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), sparse_attention, omission)
+        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), ctx)
         return self.head(x_BxLxD)

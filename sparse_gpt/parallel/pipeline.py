@@ -32,10 +32,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.model.context import StepContext
 
 PyTree = Any
 SCHEDULES = ("gpipe", "circular")
@@ -48,14 +48,6 @@ class PipelineConfig:
     num_microbatches: int
     schedule: str = "gpipe"
     circular_repeats: int = 1
-
-    @classmethod
-    def from_config(cls, mesh_cfg: ml_collections.ConfigDict,
-                    num_stages: int | None = None) -> "PipelineConfig":
-        """Reads ``config.mesh`` (``num_microbatches=0`` means one per stage)."""
-        stages = int(mesh_cfg.stage if num_stages is None else num_stages)
-        micro = int(mesh_cfg.num_microbatches) or stages
-        return cls(stages, micro, mesh_cfg.schedule, int(mesh_cfg.circular_repeats))
 
     @property
     def repeats(self) -> int:
@@ -124,7 +116,7 @@ def _stage_loop(params_RxJ, masks_RxJ, x_MxBxLxD, *, blocks: nn.Module,
     def run_stage(r, x_BxLxD):
         p, m = _take(params_RxJ, r), _take(masks_RxJ, r)
         variables = {"params": p} if m is None else {"params": p, "masks": m}
-        return blocks.apply(variables, x_BxLxD, None)[0]
+        return blocks.apply(variables, x_BxLxD)[0]
 
     if repeats > 1:
         # The repeat's weights are picked per tick; saved for the backward pass they would be
@@ -193,8 +185,15 @@ def pipelined_logits(params: PyTree, masks: PyTree | None, tokens_BxL: jax.Array
 
 
 def make_forward(mesh: Mesh, pcfg: PipelineConfig, axis: str = "stage") -> Callable:
-    """``forward(params, masks, tokens, model) -> logits`` running the blocks pipelined."""
-    def forward(params, masks, tokens_BxL, model):
+    """``forward(params, masks, tokens, model, ctx) -> logits`` running the blocks pipelined.
+
+    The step context must be the plain one: hybrid attention and SAT run unpipelined only
+    (``plan.from_config`` refuses the combination).
+    """
+    def forward(params, masks, tokens_BxL, model, ctx=StepContext()):
+        if ctx.attention is not None or ctx.omission is not None:
+            raise ValueError("The pipelined model runs without per-step modifiers (hybrid "
+                             "attention, SAT); set --config.mesh.stage=1 to use them.")
         return pipelined_logits(params, masks, tokens_BxL, model, mesh, pcfg, axis)
     return forward
 

@@ -206,7 +206,7 @@ def state_shardings(init_fn: Callable, model: nn.Module, tx: optax.GradientTrans
         is_leaf=lambda x: isinstance(x, (optax.MaskedNode, NamedSharding)))
     out = jax.tree.map(lambda _: replicated, abstract)
     return out.replace(params=params, masks=masks, opt_state=opt_state,
-                       grow_grads=_like_params(abstract.grow_grads, params))
+                       sparsity_state=_like_params(abstract.sparsity_state, params))
 
 
 def _shape_name(a) -> str:

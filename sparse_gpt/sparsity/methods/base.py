@@ -1,23 +1,29 @@
-"""The SparsityMethod interface the train step calls, and the settings every method reads.
+"""The SparsityMethod interface the train step calls, and the settings every method shares.
 
-A method is a frozen (hashable) dataclass holding parsed :class:`Settings`. The train step
-calls, inside ``jit``::
+A method is a frozen (hashable) dataclass: the shared :class:`Settings` (``config.sparsity``
+keys every method reads) plus its own fields, one per ``config.sparsity`` key of the same
+name (``sparse_gpt.plan`` fills them in; their defaults live in ``sparse_gpt/config.py``).
+The train step calls, inside ``jit``::
 
-    masks = method.init_masks(params, masks, rng)             # once, after model init
-    params, masks, opt_state = method.update(step, params, masks, grads, opt_state, rng)
-                                                               # every step, after the optimizer
+    masks = method.init_masks(params, masks, rng)              # once, after model init
+    mstate = method.init_state(masks)                          # the method's own state
+    params, masks, opt_state, mstate = method.update(step, params, masks, grads,
+                                                     opt_state, rng, mstate)   # every step
 
 ``update`` does its own ``lax.cond`` on :meth:`is_update_step`, so topology changes never
-recompile. Subclasses override one or two small hooks, as in jaxpruner's sparse_trainers:
-:meth:`update_topology` (what an update does), and for dynamic methods the drop / grow score
-functions (see set.py and rigl.py).
+recompile. Subclasses override small hooks, as in jaxpruner's sparse_trainers:
+:meth:`update_topology` (what an update does), and for SET-style methods the drop / grow
+scores, target counts and schedule (see set.py). :class:`GradientGrowth` adds what methods
+that grow by the dense gradient (RigL, MST) share.
+
+Methods defined outside the package are added with ``methods.register_method``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,46 +35,79 @@ from sparse_gpt.sparsity import regrow as regrow_lib
 from sparse_gpt.sparsity.masks import Structure
 
 Tree = Any
+Shapes = Mapping[str, tuple[int, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Parsed, validated ``config.sparsity`` (see ``methods.parse_settings``)."""
+    """The ``config.sparsity`` keys every method reads, parsed by ``sparse_gpt.plan``."""
 
-    method: str = "dense"
-    density: float = 1.0
-    distribution: str = "uniform"
-    explicit: tuple[tuple[str, float], ...] = ()
-    structure: Structure = masks_lib.UNSTRUCTURED
-    sparse_layers: tuple[str, ...] = ("attn/qkv", "attn/out", "mlp/fc", "mlp/proj")
-    init: str = "random"
-    update_every: int = 100
-    drop_fraction: float = 0.3
-    drop_fraction_schedule: str = "cosine"
-    update_start: int = 0
-    update_end: int = 750
-    prune_scope: str = "layer"
-    gmp_power: float = 3.0
-    grow_init: str = "zeros"
-    grow_balance: str = "matrix"
-    grow_grad_steps: int = 1
-    # MST (methods/mst.py): phase boundaries (steps), restoration target, mixed growing.
-    mst_warmup_end: int = 250
-    mst_ultra_end: int = 500
-    mst_final_density: float = 0.25
-    mst_random_grow_fraction: float = 0.25
-    mst_restore_power: float = 1.0
-    # static only (methods/static.py): after this many steps the masks are lifted to all
-    # ones and training continues dense (-1: never).
-    dense_finetune_start: int = -1
+    method: str
+    density: float
+    distribution: str
+    explicit: tuple[tuple[str, float], ...]
+    structure: Structure
+    sparse_layers: tuple[str, ...]
+    init: str
+    update_every: int
+    drop_fraction: float
+    drop_fraction_schedule: str
+    update_start: int
+    update_end: int          # resolved: -1 in the config is 75% of train.num_steps
+    grow_init: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SparsityMethod:
     """Dense training: the base every method refines. All methods are pure and jittable."""
 
-    settings: Settings = Settings()
+    settings: Settings
     needs_dense_grads: ClassVar[bool] = False
+    # The method starts dense (its kernel budget must hold the whole matrix).
+    starts_dense: ClassVar[bool] = False
+    # The method changes the topology on a schedule over [update_start, update_end].
+    evolves: ClassVar[bool] = False
+
+    @classmethod
+    def resolve(cls, settings: Settings, values: dict) -> dict:
+        """The method's field values from their config values (e.g. ``-1`` defaults)."""
+        del settings
+        return values
+
+    # ------------------------------------------------------------------ config
+    def validate(self, shapes: Shapes, num_steps: int) -> None:
+        """Raises ValueError (naming the key and the fix) for settings this method cannot run.
+
+        Args:
+          shapes: path -> shape of every sparse kernel (the ``sparse_layers`` it acts on).
+          num_steps: ``train.num_steps``.
+        """
+        del shapes, num_steps
+        s = self.settings
+        if self.evolves and s.update_end <= s.update_start:
+            raise ValueError(f"update_end={s.update_end} must be after update_start="
+                             f"{s.update_start}; set --config.sparsity.update_end (-1 = 75% of "
+                             "train.num_steps).")
+
+    def max_density(self, shapes: Shapes) -> float:
+        """The densest sparse matrix the method ever holds (sizes static kernel budgets).
+
+        1.0 for methods that start dense; otherwise the largest per-layer density of the
+        distribution after rounding to whole units (weights or blocks) per selection row:
+        ERK gives small layers more than ``density``.
+        """
+        if self.starts_dense:
+            return 1.0
+        s = self.settings
+        dens = masks_lib.layer_densities(shapes, s.density, s.distribution, s.explicit)
+        units = {p: s.structure.units(shapes[p]) for p in shapes}
+        return max(masks_lib.n_keep(dens[p], units[p]) / units[p] for p in shapes)
+
+    @property
+    def goes_dense(self) -> bool:
+        """Whether the masks may all become live during training: a block-sparse model must
+        then leave the kernel (its block budget holds only the sparse density)."""
+        return False
 
     # ------------------------------------------------------------------ helpers
     def sparse_paths(self, masks: Tree) -> list[str]:
@@ -122,29 +161,20 @@ class SparsityMethod:
         del params, rng
         return masks
 
+    def init_state(self, masks: Tree) -> Tree | None:
+        """The method's own state (``TrainState.sparsity_state``); None: it keeps none."""
+        del masks
+        return None
+
     def is_update_step(self, step) -> jnp.ndarray:
         """Whether the topology changes at (traced) ``step``. Dense: never."""
         del step
         return jnp.zeros((), jnp.bool_)
 
-    def grows_by_gradient(self, step) -> jnp.ndarray:
-        """Whether the update at (traced) ``step`` grows by gradient (``needs_dense_grads``
-        methods): every update by default; MST's warm-up updates only prune."""
-        return self.is_update_step(step)
-
     def dense_grad_step(self, step) -> jnp.ndarray:
-        """Whether (traced) ``step`` computes the dense gradient that growth scores by.
-
-        False unless ``needs_dense_grads``. Then the ``grow_grad_steps`` steps ending at each
-        update that grows by gradient: the train step sums their dense gradients
-        (``TrainState.grow_grads``) and the update scores growth by ``|sum|``. The sum
-        restarts after every update, so an update fewer than ``grow_grad_steps`` steps after
-        the previous one (MST's phase boundaries) sums only the steps since.
-        """
-        if not self.needs_dense_grads:
-            return jnp.zeros((), jnp.bool_)
-        return functools.reduce(jnp.logical_or, [
-            self.grows_by_gradient(step + j) for j in range(self.settings.grow_grad_steps)])
+        """Whether (traced) ``step`` needs the dense gradient (see :class:`GradientGrowth`)."""
+        del step
+        return jnp.zeros((), jnp.bool_)
 
     def update_topology(self, step, params, masks, grads, opt_state, rng):
         """What an update step does; returns ``(params, masks, opt_state)``. Dense: nothing."""
@@ -152,26 +182,25 @@ class SparsityMethod:
         return params, masks, opt_state
 
     def update(self, step, params: Tree, masks: Tree, grads: Tree, opt_state: Tree,
-               rng: jax.Array):
+               rng: jax.Array, state: Tree | None = None):
         """Called every step after the optimizer update; changes topology on update steps.
 
         Args:
           step: traced int, 0-based index of the step just taken.
           params: parameters after the optimizer update (and the train step's masking).
           masks: current mask tree.
-          grads: on the update steps of ``needs_dense_grads`` methods, the dense gradient
-            (with ``grow_grad_steps > 1`` its sum over the window, see
-            :meth:`dense_grad_step`); else the ordinary (masked) gradients; may be None for
-            methods that ignore them.
+          grads: on the steps of :meth:`dense_grad_step`, the dense gradient; else the
+            ordinary (masked) gradients; may be None for methods that ignore them.
           opt_state: optax state after the update.
           rng: PRNG key; the step is folded in, so one key per run suffices.
+          state: the method's state (:meth:`init_state`).
 
         Returns:
-          ``(params, masks, opt_state)`` with dropped weights zero, regrown weights zero and
-          the optimizer moments of every changed entry reset.
+          ``(params, masks, opt_state, state)`` with dropped weights zero, regrown weights
+          zero and the optimizer moments of every changed entry reset.
         """
         if type(self).update_topology is SparsityMethod.update_topology:
-            return params, masks, opt_state   # no topology changes: skip the cond entirely
+            return params, masks, opt_state, state   # no topology changes: no cond at all
         rng = jax.random.fold_in(rng, jnp.asarray(step, jnp.int32))
 
         def do(ops):
@@ -181,4 +210,56 @@ class SparsityMethod:
             p, m, _, o = ops
             return p, m, o
 
-        return lax.cond(self.is_update_step(step), do, skip, (params, masks, grads, opt_state))
+        out = lax.cond(self.is_update_step(step), do, skip, (params, masks, grads, opt_state))
+        return (*out, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientGrowth(SparsityMethod):
+    """What methods that grow by the dense gradient share (RigL, MST): put first in the bases.
+
+    ``grow_grad_steps = K``: growth scores by ``|sum|`` of the dense gradients of the ``K``
+    steps ending at each update that grows. The train step computes the dense gradient on
+    those steps only (:meth:`dense_grad_step`); with ``K > 1`` the method's state holds the
+    running sum (float32 on the sparse kernels' paths), restarted after every update, so an
+    update fewer than ``K`` steps after the previous one (MST's phase boundaries) sums only
+    the steps since.
+    """
+
+    grow_grad_steps: int
+    needs_dense_grads: ClassVar[bool] = True
+
+    def validate(self, shapes: Shapes, num_steps: int) -> None:
+        super().validate(shapes, num_steps)
+        if not 1 <= self.grow_grad_steps <= self.settings.update_every:
+            raise ValueError(
+                f"grow_grad_steps={self.grow_grad_steps} sums the dense gradient growth "
+                "scores by over the steps before each update: it needs 1 <= grow_grad_steps"
+                f" <= update_every ({self.settings.update_every}). Set "
+                "--config.sparsity.grow_grad_steps=1, or a value in that range.")
+
+    def grows_by_gradient(self, step) -> jnp.ndarray:
+        """Whether the update at (traced) ``step`` grows by gradient: every update here."""
+        return self.is_update_step(step)
+
+    def dense_grad_step(self, step) -> jnp.ndarray:
+        """The ``grow_grad_steps`` steps ending at each update that grows by gradient."""
+        return functools.reduce(jnp.logical_or, [
+            self.grows_by_gradient(step + j) for j in range(self.grow_grad_steps)])
+
+    def init_state(self, masks: Tree) -> Tree | None:
+        if self.grow_grad_steps == 1:
+            return None
+        return jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), self.sparse_masks(masks))
+
+    def update(self, step, params, masks, grads, opt_state, rng, state=None):
+        if state is None:
+            return super().update(step, params, masks, grads, opt_state, rng, None)
+        # Sum the window's dense gradients; the update scores growth by the sum.
+        window = jax.tree.map(lambda a, g: jnp.where(self.dense_grad_step(step), a + g, 0.0),
+                              state, masks_lib.subtree(grads, state))
+        grads = masks_lib.replace(grads, masks_lib.flatten(window))
+        params, masks, opt_state, _ = super().update(step, params, masks, grads, opt_state,
+                                                     rng, None)
+        window = jax.tree.map(lambda a: jnp.where(self.is_update_step(step), 0.0, a), window)
+        return params, masks, opt_state, window

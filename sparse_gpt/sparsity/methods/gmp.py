@@ -23,10 +23,31 @@ class GMP(SparsityMethod):
     weights are zeroed and their optimizer moments reset; nothing regrows.
     """
 
+    prune_scope: str
+    gmp_power: float
+    starts_dense = True
+    evolves = True
+
+    def validate(self, shapes, num_steps):
+        super().validate(shapes, num_steps)
+        s = self.settings
+        if self.prune_scope not in ("layer", "global"):
+            raise ValueError(f"Unknown sparsity.prune_scope {self.prune_scope!r}; choose one of "
+                             "layer, global (--config.sparsity.prune_scope=...).")
+        if s.structure.kind == "nm":
+            raise ValueError("gmp prunes gradually and has no N:M form here; use "
+                             "structure=unstructured|block, or method=static|set|rigl for N:M.")
+        if self.prune_scope == "global" and s.distribution != "uniform":
+            raise ValueError("prune_scope=global ranks all layers together: it needs "
+                             "distribution=uniform; set prune_scope=layer.")
+        if self.prune_scope == "global" and s.structure.balance == "column":
+            raise ValueError("prune_scope=global cannot keep column-balanced blocks; set "
+                             "--config.sparsity.block_balance=none or prune_scope=layer.")
+
     def density_schedule(self, final_density: float):
         s = self.settings
         return schedules.gmp_density(final_density, s.update_start, s.update_end,
-                                     power=s.gmp_power)
+                                     power=self.gmp_power)
 
     def is_update_step(self, step):
         s = self.settings
@@ -39,7 +60,7 @@ class GMP(SparsityMethod):
         s = self.settings
         sub = self.sparse_masks(masks)
         scores = prune_lib.magnitude(params, sub)
-        if s.prune_scope == "global":
+        if self.prune_scope == "global":
             new = prune_lib.prune_global(masks, scores, self.density_schedule(s.density)(step),
                                          s.structure)
         else:

@@ -22,7 +22,10 @@ scheduled count (``masks.n_keep`` of the density):
    units by dense-gradient magnitude, ``r = mst_random_grow_fraction`` (1/4) at random.
    In restoration ``c`` exceeds the live count, so more is grown than pruned.
 
-Grown weights start at zero with fresh optimizer moments (``SparsityMethod.commit``).
+Grown weights start at zero with fresh optimizer moments (``SparsityMethod.commit``). MST is
+SET (set.py) with other hooks: the scheduled densities, the prune fraction and mixed growing;
+like SET it evolves the fused ``qkv`` kernel as its q, k and v matrices, each with its own
+counts (before they were pooled, and gradient growth moved weights from q and k to v).
 
 Choices where the paper's text is silent (all config knobs): warm-up does no exploration
 (the paper calls it gradual pruning); the prune fraction decays over the evolving phases
@@ -33,7 +36,6 @@ to 0.25; the gradient part grows first and the random part picks among the units
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -41,19 +43,63 @@ from sparse_gpt.sparsity import masks as masks_lib
 from sparse_gpt.sparsity import prune as prune_lib
 from sparse_gpt.sparsity import regrow as regrow_lib
 from sparse_gpt.sparsity import schedules
+from sparse_gpt.sparsity.methods.base import GradientGrowth
 from sparse_gpt.sparsity.methods.set import SET
 
 
 @dataclasses.dataclass(frozen=True)
-class MST(SET):
+class MST(GradientGrowth, SET):
     """Warm-up pruning, ultra-sparse dynamic training, restoration; mixed growing.
 
-    Inherits SET's magnitude drop score; growth is by dense gradient and at random, so
-    ``needs_dense_grads`` asks the train step for the dense gradient on the updates that grow
-    (from ``mst_warmup_end`` on; over the ``grow_grad_steps`` steps ending at each, summed).
+    SET's update with MST's hooks: :meth:`scheduled_densities` (the three phases),
+    :meth:`drop_fraction` (0 in warm-up) and :meth:`grow` (mixed growing). Growth is by
+    dense gradient and at random, so ``GradientGrowth`` asks the train step for the dense
+    gradient on the updates that grow (from ``mst_warmup_end`` on; over the
+    ``grow_grad_steps`` steps ending at each, summed).
     """
 
-    needs_dense_grads: ClassVar[bool] = True
+    mst_warmup_end: int       # resolved: -1 in the config is 1/4 of the update window
+    mst_ultra_end: int        # resolved: -1 is 3/4 of the update window
+    mst_final_density: float
+    mst_random_grow_fraction: float
+    mst_restore_power: float
+    gmp_power: float
+    starts_dense = True
+
+    @classmethod
+    def resolve(cls, settings, values):
+        """Phase ends of -1 default to 1/4 and 3/4 of ``[update_start, update_end]``."""
+        start, span = settings.update_start, settings.update_end - settings.update_start
+        out = dict(values)
+        for key, frac in (("mst_warmup_end", 0.25), ("mst_ultra_end", 0.75)):
+            if int(out[key]) < 0:
+                out[key] = start + round(frac * span)
+        return out
+
+    def validate(self, shapes, num_steps):
+        super().validate(shapes, num_steps)
+        s = self.settings
+        if s.structure.kind == "nm":
+            raise ValueError("mst changes the density over training, which N:M cannot; use "
+                             "--config.sparsity.structure=unstructured|block.")
+        if self.grow_balance != "matrix":
+            raise ValueError("mst grows per matrix; set --config.sparsity.grow_balance=matrix "
+                             "(neuron balance is for method=set|rigl).")
+        if not s.update_start < self.mst_warmup_end <= self.mst_ultra_end < s.update_end:
+            raise ValueError(
+                "mst needs update_start < mst_warmup_end <= mst_ultra_end < update_end, got "
+                f"{s.update_start} / {self.mst_warmup_end} / {self.mst_ultra_end} / "
+                f"{s.update_end}; set --config.sparsity.mst_warmup_end / mst_ultra_end / "
+                "update_end (-1: defaults).")
+        # A final density below `density` is allowed and means "no restoration" (the layers
+        # stay at their ultra-sparse densities): restoration only ever adds connections.
+        masks_lib.check_density(self.mst_final_density, "mst_final_density")
+        if not 0.0 <= self.mst_random_grow_fraction <= 1.0:
+            raise ValueError(f"mst_random_grow_fraction={self.mst_random_grow_fraction} must "
+                             "be in [0, 1] (0.25: a quarter of the grown weights at random).")
+        if self.mst_restore_power <= 0:
+            raise ValueError(f"mst_restore_power={self.mst_restore_power} must be > 0 "
+                             "(1: linear).")
 
     # ------------------------------------------------------------------ schedules
     def init_masks(self, params, masks, rng):
@@ -64,11 +110,11 @@ class MST(SET):
     def density_schedule(self, ultra: float, final: float):
         """``fn(step) -> density`` of one matrix: dense, warm-up, ultra, restoration, final."""
         s = self.settings
-        warmup = schedules.gmp_density(ultra, s.update_start, s.mst_warmup_end,
-                                       power=s.gmp_power)
-        restore = schedules.gmp_density(final, s.mst_ultra_end, s.update_end,
-                                        init_density=ultra, power=s.mst_restore_power)
-        return schedules.piecewise([s.mst_warmup_end, s.mst_ultra_end],
+        warmup = schedules.gmp_density(ultra, s.update_start, self.mst_warmup_end,
+                                       power=self.gmp_power)
+        restore = schedules.gmp_density(final, self.mst_ultra_end, s.update_end,
+                                        init_density=ultra, power=self.mst_restore_power)
+        return schedules.piecewise([self.mst_warmup_end, self.mst_ultra_end],
                                    [warmup, schedules.constant(ultra), restore])
 
     def phase_densities(self, masks) -> dict[str, tuple[float, float]]:
@@ -77,7 +123,7 @@ class MST(SET):
         ultra = self.target_densities(masks)
         flat = masks_lib.flatten(masks)
         shapes = {p: tuple(flat[p].shape) for p in ultra}
-        final = masks_lib.layer_densities(shapes, s.mst_final_density, s.distribution,
+        final = masks_lib.layer_densities(shapes, self.mst_final_density, s.distribution,
                                           s.explicit)
         # Restoration only adds connections: a layer never ends sparser than in the ultra
         # phase (explicit densities may not rise with the overall density).
@@ -92,12 +138,12 @@ class MST(SET):
         s = self.settings
         step = jnp.asarray(step, jnp.int32)
         periodic = schedules.periodic(s.update_every, s.update_start, s.update_end)
-        return periodic(step) | (step == s.mst_warmup_end) | (step == s.update_end)
+        return periodic(step) | (step == self.mst_warmup_end) | (step == s.update_end)
 
     def grows_by_gradient(self, step):
         """Warm-up updates only prune, so they need no dense gradient."""
         return self.is_update_step(step) & (
-            jnp.asarray(step, jnp.int32) >= self.settings.mst_warmup_end)
+            jnp.asarray(step, jnp.int32) >= self.mst_warmup_end)
 
     def drop_fraction(self, step):
         """Prune fraction of the evolving phases: 0 in warm-up, then cosine from 0.3."""
@@ -106,29 +152,18 @@ class MST(SET):
             frac = schedules.constant(s.drop_fraction)(step)
         else:
             frac = schedules.cosine_decay(s.drop_fraction, s.update_end,
-                                          s.mst_warmup_end)(step)
-        return jnp.where(jnp.asarray(step, jnp.int32) >= s.mst_warmup_end, frac, 0.0)
+                                          self.mst_warmup_end)(step)
+        return jnp.where(jnp.asarray(step, jnp.int32) >= self.mst_warmup_end, frac, 0.0)
 
-    # ------------------------------------------------------------------ the update
-    def update_topology(self, step, params, masks, grads, opt_state, rng):
-        s = self.settings
-        structure = s.structure
-        sub = self.sparse_masks(masks)
-        target = prune_lib.keep_counts(sub, self.scheduled_densities(step, masks), structure)
-        drop_scores = self.drop_scores(params, grads, sub, rng)
-        # 1. Warm-up (and the boundary update): prune each row down to its scheduled count.
-        pruned = prune_lib.prune_to_count(masks, drop_scores, target, structure)
-        # 2. Exploration: drop a further fraction per matrix under the relaxed structure.
-        relaxed = structure.relaxed()
-        frac = self.drop_fraction(step)
-        live = prune_lib.live_counts(masks_lib.subtree(pruned, sub), relaxed)
-        keep = {p: n - jnp.round(frac * n).astype(jnp.int32) for p, n in live.items()}
-        dropped = prune_lib.prune_to_count(pruned, drop_scores, keep, relaxed)
-        # 3. Mixed growing back to the scheduled count of every row (restoration: more).
-        after = prune_lib.live_counts(masks_lib.subtree(dropped, sub), structure)
-        grow = {p: jnp.maximum(jnp.asarray(target[p], jnp.int32) - after[p], 0)
-                for p in after}
-        new = regrow_lib.mixed_regrow(
-            dropped, prune_lib.gradient_magnitude(grads, sub),
-            prune_lib.random_scores(rng, sub), grow, s.mst_random_grow_fraction, structure)
-        return self.commit(params, masks, new, opt_state)
+    # ------------------------------------------------------------------ growth
+    def grow_scores(self, params, grads, sub, rng):
+        """Both scores of mixed growing: ``|dL/dw|`` (dense gradient) and uniform random."""
+        del params
+        return {"grad": prune_lib.gradient_magnitude(grads, sub),
+                "random": prune_lib.random_scores(rng, sub)}
+
+    def grow(self, masks, scores, n, structure):
+        """Mixed growing (``regrow.mixed_regrow``): ``1 - r`` of ``n`` by gradient, ``r`` at
+        random among the units still dead (``r = mst_random_grow_fraction``)."""
+        return regrow_lib.mixed_regrow(masks, scores["grad"], scores["random"], n,
+                                       self.mst_random_grow_fraction, structure)

@@ -2,8 +2,8 @@
 
 The dynamic-sparse-training template: every update drops a (cosine-decayed) fraction of each
 matrix's live weights by a drop score and regrows the same number by a grow score. RigL
-(rigl.py) changes only :meth:`SET.grow_scores`; later methods (MST's mixed growing, a
-shrinking or growing density) override :meth:`grow_scores` or :meth:`target_counts`.
+(rigl.py) changes only :meth:`SET.grow_scores`; MST (mst.py) overrides the schedule hooks
+(:meth:`SET.scheduled_densities`, :meth:`SET.drop_fraction`) and :meth:`SET.grow`.
 
 Counts are per matrix, and the attention's fused ``qkv`` kernel is three matrices: its q, k
 and v column thirds are updated as separate layers (``FUSED_KERNELS``). Pooled, they would
@@ -58,6 +58,20 @@ class SET(SparsityMethod):
     others off (benchmarks/results/sparsity_methods_tiny_1200steps_*.md).
     """
 
+    grow_balance: str
+    evolves = True
+
+    def validate(self, shapes, num_steps):
+        super().validate(shapes, num_steps)
+        if self.grow_balance not in ("matrix", "neuron"):
+            raise ValueError(f"Unknown sparsity.grow_balance {self.grow_balance!r}; choose one "
+                             "of matrix, neuron (--config.sparsity.grow_balance=...).")
+        if self.grow_balance == "neuron" and self.settings.structure.kind != "unstructured":
+            raise ValueError(
+                f"grow_balance=neuron keeps each hidden unit's live weights through updates of "
+                f"unstructured masks; got structure={self.settings.structure.kind!r}. Set "
+                "--config.sparsity.grow_balance=matrix, or structure=unstructured.")
+
     def init_masks(self, params, masks, rng):
         return self.initial_topology(params, masks, rng)
 
@@ -65,7 +79,9 @@ class SET(SparsityMethod):
         s = self.settings
         return schedules.periodic(s.update_every, s.update_start, s.update_end)(step)
 
+    # ------------------------------------------------------------------ the hooks
     def drop_fraction(self, step):
+        """Fraction of each matrix's live units dropped (and regrown) at ``step``."""
         s = self.settings
         if s.drop_fraction_schedule == "constant":
             return schedules.constant(s.drop_fraction)(step)
@@ -81,14 +97,21 @@ class SET(SparsityMethod):
         del params, grads
         return prune_lib.random_scores(rng, sub)
 
-    def target_counts(self, step, live):
-        """Live units per selection row after the update, from ``live`` (``[R]``) before it.
+    def scheduled_densities(self, step, masks) -> dict | None:
+        """path -> (traced) density of each sparse leaf the schedule asks for at ``step``.
 
-        SET keeps the count. MST-style restoration returns more (growth exceeds the drop).
+        SET keeps every selection row's count: None. A method whose density moves (MST)
+        returns its schedule; rows above the scheduled count are pruned down first, rows
+        below grow up to it.
         """
-        del step
-        return live
+        del step, masks
+        return None
 
+    def grow(self, masks, scores, n, structure):
+        """Grows ``n`` dead units per selection row by ``scores`` (from :meth:`grow_scores`)."""
+        return regrow_lib.regrow(masks, scores, n, structure)
+
+    # ------------------------------------------------------------------ the update
     def fused_parts(self, masks) -> dict[str, int]:
         """path -> parts of the sparse leaves that are fused kernels (``FUSED_KERNELS``).
 
@@ -107,36 +130,48 @@ class SET(SparsityMethod):
         return out
 
     def update_topology(self, step, params, masks, grads, opt_state, rng):
-        # Fused kernels are evolved as their separate matrices (see split_fused).
+        # Fused kernels are evolved as their separate matrices (see split_fused); the
+        # schedule's densities are those of the configured (fused) leaves.
         parts = self.fused_parts(masks)
-        new = self.evolve(step, *(prune_lib.split_fused(t, parts)
-                                  for t in (params, masks, grads)), rng)
+        split = [prune_lib.split_fused(t, parts) for t in (params, masks, grads)]
+        dens = self.scheduled_densities(step, masks)
+        counts = None if dens is None else prune_lib.keep_counts(
+            self.sparse_masks(split[1]), dens, self.settings.structure)
+        new = self.evolve(step, *split, rng, counts)
         return self.commit(params, masks, prune_lib.join_fused(new, parts), opt_state)
 
-    def evolve(self, step, params, masks, grads, rng):
-        """The new mask tree of an update (drop, then grow); commit happens in the caller."""
+    def evolve(self, step, params, masks, grads, rng, counts=None):
+        """The new mask tree of an update; commit happens in the caller.
+
+        1. ``counts`` (the schedule's, or None): rows holding more are pruned down to them.
+        2. Drop ``round(f * live)`` more per matrix under the relaxed structure.
+        3. Grow per selection row back to ``counts`` (None: the row's count before the update).
+        """
         structure = self.settings.structure
         sub = self.sparse_masks(masks)
+        drop_scores = self.drop_scores(params, grads, sub, rng)
+        if counts is not None:
+            masks = prune_lib.prune_to_count(masks, drop_scores, counts, structure)
         # Drop per matrix under the relaxed structure (N:M -> weights, column-balanced ->
         # per-matrix blocks), then grow per selection row back to the target, so the
         # structure and the counts both hold after the update.
         relaxed = structure.relaxed()
         frac = self.drop_fraction(step)
-        keep = {p: n - jnp.round(frac * n).astype(jnp.int32)
-                for p, n in prune_lib.live_counts(sub, relaxed).items()}
-        dropped = prune_lib.prune_to_count(masks, self.drop_scores(params, grads, sub, rng),
-                                           keep, relaxed)
+        live = prune_lib.live_counts(masks_lib.subtree(masks, sub), relaxed)
+        keep = {p: n - jnp.round(frac * n).astype(jnp.int32) for p, n in live.items()}
+        dropped = prune_lib.prune_to_count(masks, drop_scores, keep, relaxed)
         scores = self.grow_scores(params, grads, sub, rng)
         flip = []
-        if self.settings.grow_balance == "neuron":
+        if self.grow_balance == "neuron":
             # Hidden units as selection rows: the output kernels are viewed transposed, so
             # every hidden unit is a column, and growth counts per column.
             structure = PER_COLUMN
             flip = [p for p in masks_lib.flatten(sub)
                     if any(masks_lib.path_matches(p, pat) for pat in OUTPUT_KERNELS)]
         view = functools.partial(prune_lib.swap_last_axes, paths=flip)
-        before = prune_lib.live_counts(view(sub), structure)
         after = prune_lib.live_counts(view(masks_lib.subtree(dropped, sub)), structure)
-        grow = {p: jnp.maximum(self.target_counts(step, before[p]) - after[p], 0)
-                for p in before}
-        return view(regrow_lib.regrow(view(dropped), view(scores), grow, structure))
+        if counts is None:
+            counts = prune_lib.live_counts(view(sub), structure)
+        grow = {p: jnp.maximum(jnp.asarray(counts[p], jnp.int32) - after[p], 0) for p in after}
+        return view(self.grow(view(dropped), view(scores) if flip else scores, grow,
+                              structure))
