@@ -268,3 +268,32 @@ def test_dense_gradient_only_before_the_updates_that_grow(k):
     m = plan_lib.from_config(_config(grow_grad_steps=k)).method
     dense = [s for s in range(40) if bool(m.dense_grad_step(jnp.asarray(s)))]
     assert dense == [u - j for u in (10, 15, 20, 25, 30) for j in reversed(range(k))]
+
+
+def test_mst_evolves_q_k_v_of_the_fused_qkv_kernel_as_three_matrices():
+    # MST is SET with other hooks, so like SET/RigL it splits the fused qkv kernel: with
+    # gradient growth only (random fraction 0), v's huge gradient must not pull q's and k's
+    # dropped weights into v; every third keeps its scheduled count in the ultra phase.
+    m = plan_lib.from_config(_config(density=0.25, sparse_layers="attn/qkv",
+                                     mst_random_grow_fraction=0.0)).method
+    rng = np.random.default_rng(0)
+    per_part = int(round(0.25 * D * D))                     # scheduled count of each third
+    live = np.zeros((N, D, 3 * D), bool)
+    for i in range(N):
+        for part in range(3):
+            idx = rng.choice(D * D, per_part, replace=False)
+            block = np.zeros(D * D, bool)
+            block[idx] = True
+            live[i, :, part * D:(part + 1) * D] = block.reshape(D, D)
+    w = rng.standard_normal((N, D, 3 * D)).astype(np.float32)
+    p = {"blocks": {"attn": {"qkv": {"kernel": jnp.asarray(np.where(live, w, 0))}}}}
+    masks = {"blocks": {"attn": {"qkv": {"kernel": jnp.asarray(live)}}}}
+    grads = {"blocks": {"attn": {"qkv": {"kernel": jnp.asarray(
+        np.where(np.arange(3 * D) >= 2 * D, 1e2, 1e-4) * np.ones((N, D, 1)), jnp.float32)}}}}
+    opt = optax.adam(1e-3).init(p)
+    assert bool(m.is_update_step(15)) and bool(m.grows_by_gradient(15))
+    _, new, _, _ = jax.jit(m.update)(15, p, masks, grads, opt, jax.random.key(0))
+    new = np.asarray(new["blocks"]["attn"]["qkv"]["kernel"])
+    thirds = lambda x: x.reshape(N, D, 3, D).sum(axis=(1, 3))  # noqa: E731
+    np.testing.assert_array_equal(thirds(new), np.full((N, 3), per_part))
+    assert (new & ~live)[..., :2 * D].any()                  # q and k regrew their own
