@@ -129,6 +129,8 @@ def test_moved_corpus_resumes_training_to_the_same_parameters(corpus, tmp_path):
     trainer.train(config, run, stop_after=4)                 # dies after the step-4 checkpoint
     shutil.move(str(src), str(tmp_path / "moved"))
     touch(tmp_path / "moved", 10**18)
+    # A new data.path must stay a setting a resume may change: the data state itself checks
+    # that the corpus content is the same (and names the changed files when it is not).
     resumed = trainer.train(small_config((str(tmp_path / "moved"), corpus[1])), run)
     assert int(resumed["state"].step) == 8
     for x, y in zip(*(jax.tree.leaves((r["state"].params, r["state"].opt_state))
