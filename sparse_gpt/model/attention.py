@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels.attention.meta import div, rem
@@ -168,15 +167,9 @@ class HybridAttention:
                 q, k, v, self.pattern, block_size=self.block_size, backend=self.backend,
                 interpret=self.interpret)
 
-        axes = layers._batch_axes(q_BxLxHxK.shape[0])  # noqa: SLF001 (shared mesh rule)
-        if axes is None:
-            return local(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
-        # As for the block-sparse matmul (layers.py): a Pallas kernel is opaque to XLA's
-        # partitioner, so on a mesh each device runs it on its own rows of the batch.
-        rows = P(axes)
-        return jax.shard_map(local, in_specs=(rows, rows, rows), out_specs=rows,
-                             axis_names=set(axes), check_vma=False)(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+        # As for the block-sparse matmul: each device runs the kernel on its batch rows.
+        return layers.over_batch_shards(local, (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK),
+                                        (True, True, True))
 
     def pairs(self, seq_len: int) -> float:
         """(query, key) pairs one head computes per sequence while the pattern is on.

@@ -24,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_gpt.model import omission as omission_lib
 from sparse_gpt.model.context import StepContext
@@ -35,6 +36,19 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # The maskable kernels (the four projections of every block), relative to the params root.
 KERNELS = ("blocks/attn/qkv/kernel", "blocks/attn/out/kernel",
            "blocks/mlp/fc/kernel", "blocks/mlp/proj/kernel")
+
+
+def live_masks(params: Any) -> dict:
+    """All-True masks of the ``KERNELS`` of ``params``: the model's ``masks`` collection at
+    init, built without running the model (imported weights, tests, notebooks)."""
+    out: dict = {}
+    for path in KERNELS:
+        *parents, leaf = path.split("/")
+        node_p, node_m = params, out
+        for key in parents:
+            node_p, node_m = node_p[key], node_m.setdefault(key, {})
+        node_m[leaf] = np.ones(node_p[leaf].shape, bool)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from sparse_gpt.model import gpt
+
 PyTree = Any
 
 # Activations equal to 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), i.e. nn.gelu's default.
@@ -197,16 +199,6 @@ def convert(tensors: dict[str, np.ndarray], overrides: dict[str, Any],
             "blocks": blocks, "ln_f": {"scale": get("ln_f.weight"), "bias": get("ln_f.bias")}}
 
 
-def dense_masks(params: PyTree) -> PyTree:
-    """All-True masks of the four projection kernels (the model's ``masks`` collection)."""
-    b = params["blocks"]
-    return {"blocks": {
-        "attn": {k: {"kernel": np.ones(b["attn"][k]["kernel"].shape, bool)}
-                 for k in ("qkv", "out")},
-        "mlp": {k: {"kernel": np.ones(b["mlp"][k]["kernel"].shape, bool)}
-                for k in ("fc", "proj")}}}
-
-
 def load_gpt2(folder: str, vocab_pad_to: int = 64,
               vocab_size: int | None = None) -> tuple[dict[str, Any], PyTree, PyTree]:
     """Loads a Hugging Face GPT-2 folder into our layout.
@@ -233,4 +225,4 @@ def load_gpt2(folder: str, vocab_pad_to: int = 64,
         overrides["vocab_size"] = int(vocab_size)
     params = convert(read_tensors(folder), overrides)
     del overrides["hf_vocab_size"]
-    return overrides, params, dense_masks(params)
+    return overrides, params, gpt.live_masks(params)

@@ -162,15 +162,24 @@ def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, block_density, backend
         meta = kernels.make_block_meta(mask_KxN, block_size=block_size, budget=budget)
         return kernels.block_sparse_matmul(x_xK, kernel_KxN, meta, backend=backend)
 
-    axes = _batch_axes(x_xK.shape[0])
+    return over_batch_shards(local, (x_xK, kernel_KxN, mask_KxN), (True, False, False))
+
+
+def over_batch_shards(fn: Callable, args: tuple, batched: tuple[bool, ...]) -> jax.Array:
+    """``fn(*args)``; on a mesh, inside ``shard_map`` over the axes of the "batch" rule.
+
+    A Pallas kernel is opaque to XLA's partitioner: each device runs ``fn`` on its own rows
+    of the ``batched`` args (the leading axis of ``args[0]`` is the batch) and whole copies
+    of the others (all-gathered, as FSDP does anyway); the output is split like the rows.
+    Tensor-parallel block-sparse kernels (split K or N with per-shard metadata) are not
+    implemented: a tensor axis repeats work.
+    """
+    axes = _batch_axes(args[0].shape[0])
     if axes is None:
-        return local(x_xK, kernel_KxN, mask_KxN)
-    # A Pallas kernel is opaque to XLA's partitioner: give it whole weights (all-gathered,
-    # as FSDP does anyway) and this device's rows. Tensor-parallel block-sparse kernels
-    # (split K or N with per-shard metadata) are not implemented: a tensor axis repeats work.
+        return fn(*args)
     rows = P(axes)
-    return jax.shard_map(local, in_specs=(rows, P(), P()), out_specs=rows,
-                         axis_names=set(axes), check_vma=False)(x_xK, kernel_KxN, mask_KxN)
+    return jax.shard_map(fn, in_specs=tuple(rows if b else P() for b in batched),
+                         out_specs=rows, axis_names=set(axes), check_vma=False)(*args)
 
 
 def _batch_axes(batch: int) -> tuple[str, ...] | None:

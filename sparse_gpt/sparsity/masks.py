@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.common import expand_blocks, pool_blocks
+from sparse_gpt.model import gpt
 
 Tree = Any
 STRUCTURES = ("unstructured", "block", "nm")
@@ -99,12 +100,15 @@ def select_paths(paths, patterns: tuple[str, ...], what: str = "sparse_layers") 
     return [p for p in paths if any(path_matches(p, pat) for pat in patterns)]
 
 
-def dense_masks(params: Tree, patterns=("attn/qkv", "attn/out", "mlp/fc", "mlp/proj")) -> dict:
+def dense_masks(params: Tree, patterns=None) -> dict:
     """All-True masks for the ``kernel`` leaves of ``params`` matched by ``patterns``.
 
-    This is what the model's ``masks`` collection holds at init; tests and notebooks use it to
-    build masks without running the model.
+    ``None``: the model's maskable kernels (``model.gpt.KERNELS``), i.e. what its ``masks``
+    collection holds at init; tests and notebooks use it to build masks without running the
+    model, also for partial trees.
     """
+    if patterns is None:
+        patterns = tuple(k.rsplit("/", 1)[0] for k in gpt.KERNELS)
     flat = {p: jnp.ones(x.shape, jnp.bool_) for p, x in flatten(params).items()
             if p.endswith("kernel") and x.ndim >= 2
             and any(path_matches(p, pat) for pat in parse_patterns(patterns))}
