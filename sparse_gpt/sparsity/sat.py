@@ -4,8 +4,9 @@ For additional training of a trained model (continual pretraining, fine-tuning),
 and each layer *omits* whole attention heads and MLP intermediate channels: they are not
 computed and get exactly zero gradient that step; their weights stay in (dense) storage and
 come back on later steps. The kept units are chosen per step and per layer by an importance
-score of the current weights and batch (``uniform``, ``magnitude``, ``wanda``, ``max_inner_product``; ``topk`` or
-``sample`` selection): the model side is ``sparse_gpt/model/omission.py``.
+score of the current weights and batch (``uniform``, ``magnitude``, ``wanda``,
+``max_inner_product``; ``topk`` or ``sample`` selection): the model side is
+``sparse_gpt/model/omission.py``.
 
 Omitted units cost nothing: the layer gathers the kept columns/rows of its kernels
 (``SparseDense(in_index=, out_index=)``) and runs smaller matmuls and attention over the kept
