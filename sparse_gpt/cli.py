@@ -31,9 +31,19 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {path!r} does not exist; pass --config PATH[:PRESET], "
                           f"e.g. --config {os.path.relpath(DEFAULT_CONFIG)}:tiny.")
+    if not path.endswith(".py"):
+        raise ConfigError(f"--config {path}: not a Python file; pass a config file defining "
+                          f"get_config(preset), e.g. --config {os.path.relpath(DEFAULT_CONFIG)}"
+                          ":tiny.")
     module_spec = importlib.util.spec_from_file_location("_sparse_gpt_config", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a config is code: any error in it is the file's, not ours
+        where = f" line {e.lineno}" if isinstance(e, SyntaxError) and e.lineno else ""
+        raise ConfigError(f"--config {path}{where} does not load ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); fix that file or pass "
+                          "another.") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(preset) function.")
     return module.get_config(preset) if preset else module.get_config()

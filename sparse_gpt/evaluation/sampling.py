@@ -10,6 +10,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,37 @@ def _generate(model: nn.Module, params: Any, masks: Any, buffer_L: jax.Array,
     return buffer_L
 
 
+def check_request(prompt: list[int], num_tokens: int, max_len: int, *,
+                  temperature: float = 0.0, top_k: int = 0, vocab_size: int | None = None,
+                  flag: str = "--") -> None:
+    """Checks a generation request before any work (``eval.py`` calls it before evaluating).
+
+    Args:
+      prompt: the prompt's token ids.
+      num_tokens, temperature, top_k: as in :func:`generate`.
+      max_len: the model context.
+      vocab_size: the tokenizer's vocabulary (``top_k`` may not exceed it); None: unchecked.
+      flag: prefix of the option names in messages (``--`` for eval.py's flags).
+
+    Raises:
+      ValueError: naming the bad option and its allowed range.
+    """
+    if not prompt:
+        raise ValueError(f"The prompt encodes to no tokens; pass a non-empty {flag}prompt.")
+    if num_tokens < 0 or int(num_tokens) != num_tokens:
+        raise ValueError(f"{flag}num_tokens={num_tokens} must be an integer >= 0.")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{flag}temperature={temperature} must be a finite number >= 0 "
+                         "(0: greedy).")
+    if top_k < 0 or int(top_k) != top_k or (vocab_size and top_k > vocab_size):
+        upto = f" and <= the vocabulary size {vocab_size}" if vocab_size else ""
+        raise ValueError(f"{flag}top_k={top_k} must be an integer >= 0{upto} (0: all tokens).")
+    if len(prompt) + num_tokens > max_len:
+        raise ValueError(f"Prompt ({len(prompt)} tokens) + {num_tokens} new tokens exceed the "
+                         f"model context of {max_len}; shorten {flag}prompt or lower "
+                         f"{flag}num_tokens to at most {max(0, max_len - len(prompt))}.")
+
+
 def generate(model: nn.Module, params: Any, masks: Any, prompt: list[int], num_tokens: int,
              *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
              vocab_size: int | None = None) -> list[int]:
@@ -59,18 +92,16 @@ def generate(model: nn.Module, params: Any, masks: Any, prompt: list[int], num_t
       The generated token ids (without the prompt).
 
     Raises:
-      ValueError: empty prompt, or prompt + num_tokens longer than the model context.
+      ValueError: see :func:`check_request`.
     """
     max_len = model.cfg.max_len
-    if not prompt:
-        raise ValueError("The prompt encodes to no tokens; pass a non-empty --prompt.")
-    if len(prompt) + num_tokens > max_len:
-        raise ValueError(f"Prompt ({len(prompt)} tokens) + {num_tokens} new tokens exceed the "
-                         f"model context of {max_len}; shorten the prompt or ask for fewer.")
+    vocab_size = vocab_size or model.cfg.vocab_size
+    check_request(prompt, num_tokens, max_len, temperature=temperature, top_k=top_k,
+                  vocab_size=vocab_size, flag="")
     if masks is not None and bool(masks_lib.all_live(masks)):
         masks = None   # the dense model (a block-sparse kernel's budget is the sparse one)
     buffer_L = jnp.zeros((max_len,), jnp.int32).at[:len(prompt)].set(jnp.asarray(prompt))
     out_L = _generate(model, params, masks, buffer_L, jnp.int32(len(prompt)), num_tokens,
-                      jnp.float32(temperature), top_k, vocab_size or model.cfg.vocab_size,
+                      jnp.float32(temperature), top_k, vocab_size,
                       jax.random.key(seed))
     return [int(t) for t in out_L[len(prompt):len(prompt) + num_tokens]]

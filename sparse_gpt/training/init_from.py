@@ -15,7 +15,6 @@ weights; a mismatch raises ``ValueError`` with the ``--config.model.*`` settings
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -24,8 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sparse_gpt import plan as plan_lib
 from sparse_gpt.model import hf_import
 from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.sparsity import masks as masks_lib
 
 PyTree = Any
 _SHAPE_KEYS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_len", "use_rope")
@@ -52,26 +53,14 @@ def _check_shape(path: str, want: dict[str, Any], model_cfg: model_lib.ModelConf
 
 
 def _load_workdir(workdir: str) -> tuple[dict[str, Any], PyTree]:
-    """(model fields, params) of a sparse_gpt workdir's newest checkpoint."""
-    from sparse_gpt.training import checkpoint as ckpt_lib
-    from sparse_gpt.training import step as train_lib
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    model, tx, method = train_lib.build(config)
-    abstract = jax.eval_shape(
-        lambda rng: train_lib.init_state(config, model, tx, method, rng), jax.random.key(0))
-    # Restore on one device whatever mesh wrote it; warm_start reshards to this run's mesh.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            abstract)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    """(model fields, params) of a sparse_gpt workdir's newest checkpoint, on one device
+    (``warm_start`` reshards them to this run's mesh)."""
+    from sparse_gpt.training import trainer
     try:
-        if ckpt.latest_step() is None:
-            raise ValueError(f"train.init_from={workdir} has no checkpoint yet; train it first "
-                             "or point init_from at another run.")
-        state, _, _ = ckpt.restore(abstract, ckpt_lib.make_meta(model.cfg, abstract))
-    finally:
-        ckpt.close()
+        _, model, state, _, _ = trainer.open_run(workdir, for_eval=False,
+                                                 what="train.init_from")
+    except FileNotFoundError as e:
+        raise ValueError(f"{e} Or point --config.train.init_from at another run.") from None
     want = {k: getattr(model.cfg, k) for k in _SHAPE_KEYS}
     return want, state.params
 
@@ -130,7 +119,7 @@ def warm_start(config: ml_collections.ConfigDict, model, state, rng: jax.Array):
     """
     from sparse_gpt.training import step as train_lib
     params = load_params(config.train.init_from, model.cfg)
-    _, tx, method = train_lib.build(config)
+    _, tx, method = train_lib.build(plan_lib.from_config(config))
     _, mask_rng, _ = jax.random.split(rng, 3)  # the split train_lib.init_state uses
     shardings = jax.tree.map(lambda x: x.sharding, state)
     params = jax.device_put(params, shardings.params)
@@ -138,7 +127,7 @@ def warm_start(config: ml_collections.ConfigDict, model, state, rng: jax.Array):
     def fresh(state, params):
         all_true = jax.tree.map(jnp.ones_like, state.masks)
         masks = method.init_masks(params, all_true, mask_rng)
-        params = train_lib.apply_masks(params, masks)
+        params = masks_lib.apply_masks(params, masks)
         return state.replace(params=params, masks=masks, opt_state=tx.init(params))
 
     return jax.jit(fresh, out_shardings=shardings)(state, params)

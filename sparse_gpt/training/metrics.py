@@ -2,13 +2,16 @@
 TensorBoard event files under ``WORKDIR/tensorboard``.
 
 On resume the rows past the restored step (written by the crashed run after its last
-checkpoint) are dropped, so the file reads as one uninterrupted run.
+checkpoint) are dropped, so the file reads as one uninterrupted run; the file is rewritten
+through a temporary file and a rename, so a crash during the rewrite loses nothing. A last
+line a killed run left half-written is dropped with a warning naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 
@@ -20,8 +23,12 @@ class MetricsWriter:
         self.last: dict[str, Any] = {}
         rows = _read(self.path) if resume_step else []
         kept = [r for r in rows if r.get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
         if kept:
             self.last = kept[-1]
         self._file = open(self.path, "a")
@@ -41,16 +48,35 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         if self._tb is not None:
             self._tb.close()
 
 
 def _read(path: str) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line is dropped with a warning.
+
+    Raises:
+      ValueError: a line other than the last is not JSON (the file names it).
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+    rows = []
+    for n, (lineno, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n == len(lines) - 1:   # a write the killed run did not finish
+                print(f"warning: {path}: dropped its torn last line {lineno} "
+                      f"({line.strip()[:60]!r}).", file=sys.stderr, flush=True)
+                break
+            raise ValueError(f"{path} line {lineno} is not JSON ({line.strip()[:60]!r}); "
+                             "fix or delete that line to resume.") from None
+    return rows
 
 
 def load_metrics(workdir: str) -> list[dict[str, Any]]:
