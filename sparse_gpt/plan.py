@@ -100,15 +100,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"data.seq_len={config.data.seq_len} exceeds the model context "
             f"model.max_len={config.model.max_len}; lower --config.data.seq_len or raise "
             "--config.model.max_len.")
+    _check_train(config.train)
+    sharding.parse_rules(config.mesh.rules)
+    _pipeline(config, num_devices)
+
+
+def check_vocabulary(config: ml_collections.ConfigDict) -> None:
+    """The tokenizer fits the embedding table (checked before training on data; a model built
+    alone may have any vocabulary).
+
+    Raises:
+      ValueError: ``model.vocab_size`` is below the tokenizer's vocabulary.
+    """
     vocab = tokenizers.VOCAB_SIZES.get(config.data.tokenizer)
     if vocab is not None and vocab > config.model.vocab_size:
         raise ValueError(
             f"The {config.data.tokenizer} tokenizer has {vocab} tokens but "
             f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size to at "
             f"least {vocab}.")
-    _check_train(config.train)
-    sharding.parse_rules(config.mesh.rules)
-    _pipeline(config, num_devices)
 
 
 # ----------------------------------------------------------------------------- sections

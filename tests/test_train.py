@@ -13,6 +13,8 @@ import pytest
 
 from sparse_gpt import cli
 from sparse_gpt.training import checkpoint
+from sparse_gpt import plan as plan_lib
+from sparse_gpt.training import optim
 from sparse_gpt.training import step as train_lib
 from sparse_gpt.training import trainer
 from sparse_gpt import config as config_lib
@@ -122,7 +124,7 @@ def test_sgd_is_clipped_nesterov_momentum_with_l2_decay_on_kernels():
     c = config_lib.get_config("tiny")
     c.train.update(optimizer="sgd", lr=0.1, weight_decay=0.01, b1=0.9, warmup_steps=2,
                    num_steps=10, grad_clip=1.0)
-    tx = train_lib.make_optimizer(c.train)
+    tx = optim.make_optimizer(plan_lib.from_config(c).optimizer)
     rng = np.random.default_rng(0)
     params = {"fc": {"kernel": rng.standard_normal((3, 2)).astype(np.float32),
                      "bias": rng.standard_normal(2).astype(np.float32)}}
@@ -138,7 +140,7 @@ def test_sgd_is_clipped_nesterov_momentum_with_l2_decay_on_kernels():
         clip = min(1.0, 1.0 / np.sqrt(np.sum(gw ** 2) + np.sum(gb ** 2)))
         dw, db = clip * gw + 0.01 * w, clip * gb
         mw, mb = 0.9 * mw + dw, 0.9 * mb + db
-        lr = float(train_lib.lr_schedule(c.train)(t))
+        lr = float(optim.lr_schedule(plan_lib.from_config(c).optimizer)(t))
         w, b = w - lr * (dw + 0.9 * mw), b - lr * (db + 0.9 * mb)
         np.testing.assert_allclose(params["fc"]["kernel"], w, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(params["fc"]["bias"], b, rtol=1e-5, atol=1e-6)
