@@ -38,12 +38,14 @@ class CheckpointError(RuntimeError):
 
 
 # Config keys a resume may change: how long to train, what is logged and kept, the device
-# layout (orbax reshards on restore), the learning rate of a continued run, and bookkeeping.
+# layout (orbax reshards on restore), the learning rate of a continued run, bookkeeping, and
+# the corpus path (the data state checks the corpus content itself, so a moved corpus resumes).
 # Any other difference to the checkpoint's config is refused (resume_changes).
 RESUMABLE = ("train.num_steps", "train.lr", "train.log_every", "train.eval_every",
              "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
              "train.progress_bar", "train.sample_tokens", "train.sample_prompt",
-             "train.init_from", "data.data_dir", "data.num_workers", "mesh.*", "preset")
+             "train.init_from", "data.path", "data.data_dir", "data.num_workers", "mesh.*",
+             "preset")
 
 
 def _short(e: Exception, limit: int = 200) -> str:
