@@ -7,8 +7,9 @@ restore --, the others 0-0.15 s after a random step of the steps left, which lan
 checkpoint save when that step writes one) and re-run after each until it finishes. Counts:
 
 * runs that lost more than one checkpoint interval: for each fault, the steps between the
-  last step the killed process logged (``log_every=1``) and the step the next launch
-  resumed from (its "resuming ... from step N" line); must be 0;
+  last step the killed process logged (``log_every=1``) and the newest finished checkpoint
+  left on disk, which the next launch resumes from (checked against its "resuming ... from
+  step N" line, when it got that far); must be 0;
 * SIGTERM faults caught by the run (exit 75) that lost any step: must be 0;
 * runs whose final parameters, optimizer state and masks differ from the uninterrupted
   run's (exact equality), and runs whose metrics.jsonl (every column but tokens_per_sec)
@@ -151,16 +152,23 @@ def fault_run(launcher: Launcher, workdir: str, rng: random.Random, max_faults: 
         expected = {"SIGKILL": (-9,), "SIGTERM": (75, -15, 0)}[kind]
         if rc not in expected:
             unexpected.append(f"{kind}: exit {rc}: {read(proc.err_path)[-300:]}")
-        faults.append({"kind": kind, "phase": phase, "at": at, "reached": reached, "rc": rc})
+        # What the next launch restores: orbax renames a save's temporary folder when done.
+        faults.append({"kind": kind, "phase": phase, "at": at, "reached": reached, "rc": rc,
+                       "resumed": newest_checkpoint(workdir)})
         if rc == 0:   # the signal came after the last step: the run is complete
             break
-    for fault in faults:   # the step the next launch actually resumed from
+    for fault in faults:   # cross-check: the step the next launch said it resumed from
         launch = fault.pop("launch", None)
         if launch is None:
             continue
-        match = re.search(r"resuming .* from step (\d+)", read(launch.err_path))
-        fault["resumed"] = int(match.group(1)) if match else 0
         fault["lost"] = max(0, fault["reached"] - fault["resumed"])
+        text = read(launch.err_path)
+        match = re.search(r"resuming .* from step (\d+)", text)
+        if match and int(match.group(1)) != fault["resumed"]:
+            unexpected.append(f"next launch resumed from {match.group(1)}, the newest "
+                              f"checkpoint after the fault was {fault['resumed']}")
+        elif not match and fault["resumed"] and (launch.returncode in (0, 75)):
+            unexpected.append(f"next launch trained without resuming from {fault['resumed']}")
     return {"faults": faults, "unexpected": unexpected}
 
 

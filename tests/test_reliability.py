@@ -199,6 +199,38 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(corpu
         for r, s in zip(load_metrics(str(tmp_path / "reference")), load_metrics(workdir))]
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SPARSE_GPT_JAX_CACHE=str(tmp_path / "cache"),
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SPARSE_GPT_NUM_PROCESSES="2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                         "--xla_backend_optimization_level=0")
+    args = train_py_args(corpus, workdir, **{
+        "train.num_steps": 100000, "train.log_every": 1, "train.checkpoint_every": 100000,
+        "train.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4})
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                              env=dict(env, SPARSE_GPT_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    try:
+        wait_for_rows(workdir, 3, process=procs[0])
+        procs[1].send_signal(signal.SIGTERM)   # process 0 hears of it only through JAX
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [75, 75], [e[-1500:] for e in errs]
+    lines = [e.strip().splitlines()[-1] for e in errs]
+    step = int(lines[0].split("after step ")[1].split(":")[0])
+    assert lines == [lines[0]] * 2 and lines[0].startswith(f"stopped by SIGTERM after step "
+                                                           f"{step}: checkpoint {step}")
+    assert steps_on_disk(workdir) == [step]
+
+
 SIGNAL_TWICE = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -303,7 +335,7 @@ def load_eval_script():
 def test_eval_errors_of_a_trained_run(trained, monkeypatch, tmp_path):
     config, workdir = trained
     with pytest.raises(FileNotFoundError,
-                       match=r"no checkpoint of step 7; its checkpoints are of steps 4, 8\."):
+                       match=r"no checkpoint of step 7; it has checkpoints of steps 4, 8\."):
         trainer.load_run(workdir, step=7)
     # A prompt too long for the context fails before the (long) evaluation.
     monkeypatch.setattr(trainer, "evaluate", lambda *a: pytest.fail("evaluated first"))

@@ -109,8 +109,11 @@ class Checkpointer:
             raise ValueError(f"keep_checkpoints={keep!r}: at least the newest checkpoint must "
                              "be kept; set --config.train.keep_checkpoints to 1 or more.")
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
+        # Not orbax's own read_only option, which logs three warnings on every open: a
+        # read-only Checkpointer simply never saves, creates or cleans up.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
+            max_to_keep=None if read_only else keep, create=not read_only,
             cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
@@ -134,7 +137,7 @@ class Checkpointer:
         step = steps[-1] if step is None else int(step)
         if step not in steps:
             raise CheckpointError(
-                f"No checkpoint of step {step} in {self.directory}; its checkpoints are of "
+                f"No checkpoint of step {step} in {self.directory}; it has checkpoints of "
                 f"steps {', '.join(map(str, steps))}. Pick one of those.")
         where = os.path.join(self.directory, str(step))
         try:
@@ -148,6 +151,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Starts writing ``state`` at ``step`` (returns before the write ends if async)."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; not saving.")
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_state_dict(state)),
             data=ocp.args.JsonSave(data_state),

@@ -332,7 +332,7 @@ def open_run(workdir: str, step: int | None = None, *, for_eval: bool = True,
             raise FileNotFoundError(f"{what} {workdir} has no checkpoint yet; train it first.")
         if step is not None and step not in steps:
             raise FileNotFoundError(
-                f"{what} {workdir} has no checkpoint of step {step}; its checkpoints are of "
+                f"{what} {workdir} has no checkpoint of step {step}; it has checkpoints of "
                 f"steps {', '.join(map(str, steps))}. Pick one of those, or leave the step out "
                 "for the newest.")
         step, saved = ckpt.read_meta(step)
