@@ -76,6 +76,15 @@ def last_logged_step(workdir: str) -> int:
     return step
 
 
+def trained(workdir: str, proc, restored: int) -> int:
+    """The last step this launch logged; ``restored`` while the file still holds only the
+    rows of earlier launches (which this launch truncates to its restored step on start)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path) or os.path.getmtime(path) < proc.started:
+        return restored
+    return max(restored, last_logged_step(workdir))
+
+
 def newest_checkpoint(workdir: str) -> int:
     """The newest finished step folder (orbax renames a save's temporary folder when done)."""
     folder = os.path.join(workdir, "checkpoints")
@@ -134,21 +143,23 @@ def fault_run(launcher: Launcher, workdir: str, rng: random.Random, max_faults: 
             wait_until(lambda: False, rng.uniform(0.0, ref["startup_s"]), proc)
         else:   # training: a random step of what is left, then a random offset (which
             # lands in a save when that step writes one: a save takes several steps' time)
-            target = rng.randint(restored_guess + 1, num_steps)
+            target = rng.randint(min(restored_guess + 1, num_steps), num_steps)
             wait_until(lambda: last_logged_step(workdir) >= target and os.path.getmtime(
                 os.path.join(workdir, "metrics.jsonl")) >= proc.started, 600, proc)
             wait_until(lambda: False, rng.uniform(0.0, JITTER_S), proc)
         at = time.time() - proc.started
-        phase = "training" if last_logged_step(workdir) > restored_guess else "start-up"
+        phase = "training" if trained(workdir, proc, restored_guess) > restored_guess \
+            else "start-up"
         if proc.poll() is not None:   # finished before the fault landed
             if proc.returncode != 0:
                 unexpected.append(f"launch exit {proc.returncode} before the fault")
             faults.append({"kind": "none (finished first)", "phase": phase, "at": at,
-                           "reached": last_logged_step(workdir), "rc": proc.returncode})
+                           "reached": trained(workdir, proc, restored_guess),
+                           "rc": proc.returncode})
             break
         proc.send_signal(getattr(signal, kind))
         rc = proc.wait(timeout=600)
-        reached = last_logged_step(workdir)
+        reached = trained(workdir, proc, restored_guess)
         expected = {"SIGKILL": (-9,), "SIGTERM": (75, -15, 0)}[kind]
         if rc not in expected:
             unexpected.append(f"{kind}: exit {rc}: {read(proc.err_path)[-300:]}")

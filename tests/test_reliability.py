@@ -299,8 +299,11 @@ def test_sampling_and_cli_values_are_refused():
         with pytest.raises(ValueError, match=message):
             sampling.check_request([1, 2], request.pop("num_tokens"), 32, vocab_size=257,
                                    **request)
-    with pytest.raises(ValueError, match="exceed the model context of 32.*at most 30"):
+    with pytest.raises(ValueError, match="exceed the model context of 32; lower --num_tokens "
+                                         "to at most 30"):
         sampling.check_request([1, 2], 31, 32)
+    with pytest.raises(ValueError, match="shorten --prompt to fewer than 32 tokens"):
+        sampling.check_request(list(range(40)), 3, 32)
     with pytest.raises(cli.ConfigError, match="README.md: not a Python file"):
         cli.parse_args(["--config", os.path.join(ROOT, "README.md")])
 

@@ -67,9 +67,11 @@ def check_request(prompt: list[int], num_tokens: int, max_len: int, *,
         upto = f" and <= the vocabulary size {vocab_size}" if vocab_size else ""
         raise ValueError(f"{flag}top_k={top_k} must be an integer >= 0{upto} (0: all tokens).")
     if len(prompt) + num_tokens > max_len:
+        fix = (f"lower {flag}num_tokens to at most {max_len - len(prompt)} or shorten "
+               f"{flag}prompt" if len(prompt) < max_len else
+               f"shorten {flag}prompt to fewer than {max_len} tokens")
         raise ValueError(f"Prompt ({len(prompt)} tokens) + {num_tokens} new tokens exceed the "
-                         f"model context of {max_len}; shorten {flag}prompt or lower "
-                         f"{flag}num_tokens to at most {max(0, max_len - len(prompt))}.")
+                         f"model context of {max_len}; {fix}.")
 
 
 def generate(model: nn.Module, params: Any, masks: Any, prompt: list[int], num_tokens: int,
