@@ -1,4 +1,6 @@
-"""Small training configs shared by the tests that train end to end."""
+"""Small training configs and batch helpers shared by the tests that train end to end."""
+
+import numpy as np
 
 from sparse_gpt import cli
 from sparse_gpt import config as config_lib
@@ -21,3 +23,17 @@ def small_config(corpus, base=None, **overrides):
                            **overrides).items():
         cli.apply_override(c, key, str(value))
     return c
+
+
+def take(it, n):
+    """The next ``n`` batches of iterator ``it``."""
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(a, b):
+    """Two lists of batches are equal, key by key and value by value."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import assert_same, take
 from sparse_gpt import config as config_lib
 from sparse_gpt.data import builder as builder_lib
 from sparse_gpt.data import dataset as data_lib
@@ -198,18 +199,6 @@ def medium(tmp_path_factory):
     write_jsonl(root / "m.jsonl", [f"document number {i}: " + "abc" * (i % 7) for i in range(40)])
     c = make_cfg(root, path=str(root / "m.jsonl"), seq_len=8, val_fraction=0.1)
     return c, data_lib.make_data(c, batch_size=3, seed=0)
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def test_batches_shape_shift_and_seed(medium):

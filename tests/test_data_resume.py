@@ -19,7 +19,7 @@ from sparse_gpt.data import dataset as data_lib
 from sparse_gpt.data import fingerprint
 from sparse_gpt.training import trainer
 
-from helpers import small_config
+from helpers import assert_same, small_config, take
 
 
 def make_cfg(path, cache, **overrides):
@@ -35,18 +35,6 @@ def write_corpus(root):
         (root / f"doc{i}.txt").write_text("".join(f"line {k} of document {i}\n"
                                                   for k in range(6 + i)))
     return root
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def built(cache):
