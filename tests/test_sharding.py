@@ -50,9 +50,10 @@ def batches(config, n=STEPS):
 
 def train_curve(config, devices):
     """Losses of STEPS steps on a mesh over ``devices`` (config.mesh sizes), final state."""
-    model, tx, method = train_lib.build(plan_lib.from_config(config))
+    plan = plan_lib.from_config(config, num_devices=len(devices))
+    model, tx, method = train_lib.build(plan)
     mesh = sharding.make_mesh(config.mesh, devices)
-    steps = trainer.make_steps(plan_lib.from_config(config), model, tx, method, mesh, compiler_options=FAST)
+    steps = trainer.make_steps(plan, model, tx, method, mesh, compiler_options=FAST)
     state = steps.init(jax.random.key(0))
     losses = []
     for batch in batches(config):
