@@ -162,12 +162,33 @@ else
   for s in pallas_check bsmm_bench step_speed; do skip_step "$s" "preflight failed"; done
 fi
 
-# Summary: a table of steps, the check verdicts and failures, the result tables.
+# Summary: check verdicts and failures, result tables, tails of failed logs, and last (so
+# that a clipped console tail still shows it) the table of steps.
 TOTAL=$(( $(date +%s) - START ))
 {
   echo "# GPU suite $([ "$SMOKE" = 1 ] && echo '(smoke, CPU)') $DATE"
   echo
   grep -h '^device_kind\|^jax ' "$OUT_DIR/preflight.log" 2>/dev/null | sed 's/^/    /'
+  if [ -f "$OUT_DIR/pallas_check.md" ]; then
+    echo
+    echo "pallas_check: $(grep -h 'checks passed' "$OUT_DIR/pallas_check.md")"
+    grep -h '^(unfinished' "$OUT_DIR/pallas_check.md"
+    grep -h '^| .*| FAIL' "$OUT_DIR/pallas_check.md" | head -20 | cut -c1-300
+  fi
+  if [ -f "$OUT_DIR/block_sparse_matmul.txt" ]; then
+    echo; echo '```'; cat "$OUT_DIR/block_sparse_matmul.txt"; echo '```'
+  fi
+  if [ -f "$OUT_DIR/step_speed.md" ]; then
+    echo; head -c 3000 "$OUT_DIR/step_speed.md"; echo
+  fi
+  for i in "${!NAMES[@]}"; do
+    case "${STATUS[$i]}" in
+      ok|skipped*) ;;
+      *) [ -f "$OUT_DIR/${NAMES[$i]}.log" ] || continue
+         echo; echo "last lines of ${NAMES[$i]}.log:"; echo '```'
+         tail -n 6 "$OUT_DIR/${NAMES[$i]}.log" | cut -c1-300; echo '```' ;;
+    esac
+  done
   echo
   echo "| step | status | rc | seconds |"
   echo "|---|---|---|---|"
@@ -175,25 +196,7 @@ TOTAL=$(( $(date +%s) - START ))
     echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${RCS[$i]} | ${SECS[$i]} |"
   done
   echo
-  echo "total ${TOTAL} s; output in $OUT_DIR"
-  if [ -f "$OUT_DIR/pallas_check.md" ]; then
-    echo
-    grep -h 'checks passed\|^(unfinished' "$OUT_DIR/pallas_check.md"
-    grep -h '^| .*| FAIL' "$OUT_DIR/pallas_check.md" | head -40
-  fi
-  if [ -f "$OUT_DIR/block_sparse_matmul.txt" ]; then
-    echo; echo '```'; cat "$OUT_DIR/block_sparse_matmul.txt"; echo '```'
-  fi
-  if [ -f "$OUT_DIR/step_speed.md" ]; then
-    echo; head -c 3000 "$OUT_DIR/step_speed.md"
-  fi
-  for i in "${!NAMES[@]}"; do
-    case "${STATUS[$i]}" in
-      ok|skipped*) ;;
-      *) echo; echo "last lines of ${NAMES[$i]}.log:"; echo '```'
-         tail -n 8 "$OUT_DIR/${NAMES[$i]}.log" | cut -c1-300; echo '```' ;;
-    esac
-  done
+  echo "total ${TOTAL} s; output in $OUT_DIR; $([ "$FAILED" = 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')"
 } > "$OUT_DIR/summary.md"
 echo
 cat "$OUT_DIR/summary.md"
