@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",         # compute dtype: float32 | bfloat16
         param_dtype="float32",   # parameters stay fp32 under bf16 compute
         remat=False,             # rematerialise each block in the backward pass
+        scan_unroll=1,           # decoder blocks per nn.scan iteration; 0 = all (no loop: the
+                                 # fastest step at small shapes, compile time grows with layers)
         init_std=0.02,
         # How SparseDense multiplies: "masked" (x @ (w * m), the oracle) or "block_sparse"
         # (kernels.block_sparse_matmul on non-zero blocks; needs a block-structured mask).
@@ -223,6 +225,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                        checkpoint_every=250)
         c.sparsity.block_size = 32
         c.sparsity.update_every = 50
+        c.model.scan_unroll = 0        # 4 small layers: unrolled is 1.25x faster on CPU
     else:
         c.data.tokenizer = "gpt2"
         c.model.dtype = "bfloat16"

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_gpt.model.context import StepContext
 from sparse_gpt.sparsity import masks as masks_lib
@@ -35,7 +36,8 @@ def step_flops(model_cfg, masks: Tree, batch_size: int, seq_len: int,
                ) -> dict[str, jnp.ndarray]:
     """Training FLOPs of one step (forward + backward), dense and with ``masks``.
 
-    Usable inside and outside ``jit`` (counts are float32 jnp scalars).
+    Usable inside and outside ``jit`` (counts are float32 jnp scalars). Host (numpy) masks
+    are counted on the host, so a fixed topology's count is a constant of the program.
 
     Args:
       model_cfg: the ``ModelConfig`` (its ``kernel_shapes``, ``d_model``, ``vocab_size``).
@@ -64,8 +66,7 @@ def step_flops(model_cfg, masks: Tree, batch_size: int, seq_len: int,
     sparse = jnp.zeros((), jnp.float32)
     for path, shape in model_cfg.kernel_shapes().items():
         size = float(shape[0] * shape[1] * shape[2])
-        live = (jnp.sum(flat[path], dtype=jnp.float32) if path in flat
-                else jnp.asarray(size, jnp.float32))
+        live = _live(flat[path]) if path in flat else jnp.asarray(size, jnp.float32)
         kept = kept_channels if path.startswith("blocks/mlp/") else kept_heads
         live = live * kept
         dense += 6.0 * tokens * size
@@ -79,11 +80,20 @@ def step_flops(model_cfg, masks: Tree, batch_size: int, seq_len: int,
                 sparse=sparse + attn * jnp.asarray(pairs, jnp.float32) * kept_heads + head)
 
 
+def _live(mask) -> jnp.ndarray:
+    """Live entries of one mask leaf: counted on the host for a numpy mask."""
+    if isinstance(mask, np.ndarray):
+        return jnp.asarray(np.count_nonzero(mask), jnp.float32)
+    return jnp.sum(mask, dtype=jnp.float32)
+
+
 def density(masks: Tree) -> jnp.ndarray:
-    """Overall density: live weights / size over all mask leaves (float32 scalar)."""
+    """Overall density: live weights / size over all mask leaves (float32 scalar); 1 for a
+    tree without masks (everything dense)."""
     flat = masks_lib.flatten(masks)
-    live = sum((jnp.sum(m, dtype=jnp.float32) for m in flat.values()),
-               jnp.zeros((), jnp.float32))
+    if not flat:
+        return jnp.ones((), jnp.float32)
+    live = sum((_live(m) for m in flat.values()), jnp.zeros((), jnp.float32))
     return live / max(sum(m.size for m in flat.values()), 1)
 
 

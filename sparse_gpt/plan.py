@@ -77,9 +77,12 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
     model = _model(config)
     method = _method(config, model)
     if model.matmul == "block_sparse":
-        # The kernels' static block budget covers the densest layer the method ever holds.
+        # The kernels' static block budget covers the densest layer the method ever holds;
+        # a method whose density changes switches between budget tiers on the way.
         shapes = sparse_shapes(method, model)
-        model = dataclasses.replace(model, block_density=method.max_density(shapes))
+        tiers = method.kernel_tiers(shapes)
+        model = dataclasses.replace(model, block_density=method.max_density(shapes),
+                                    block_tiers=tiers if len(tiers) > 1 else ())
     attention = _attention(config)
     sat = _sat(config, model)
     pipeline = _pipeline(config, num_devices)

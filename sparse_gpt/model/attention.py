@@ -37,6 +37,7 @@ import kernels
 from kernels.attention.meta import div, rem
 from kernels.common import check_block_size
 from sparse_gpt.model import layers
+from sparse_gpt.model.causal import causal_attention
 
 PATTERNS = ("local", "strided", "local_strided", "fixed")
 IMPLS = ("block_sparse", "masked")
@@ -101,9 +102,7 @@ def block_mask(pattern: Pattern, seq_len: int, block_size: int) -> np.ndarray:
     return kernels.attention_meta(pattern, seq_len, block_size).block_mask_LbxLb
 
 
-def dense_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK) -> jax.Array:
-    """Dense causal attention, exactly what the model runs outside the sparse window."""
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+dense_attention = causal_attention   # what the model runs outside the sparse window
 
 
 @dataclasses.dataclass(frozen=True)

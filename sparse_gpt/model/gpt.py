@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_gpt.model import omission as omission_lib
+from sparse_gpt.model.causal import causal_attention
 from sparse_gpt.model.context import StepContext
 from sparse_gpt.model.layers import SparseDense, logical_init
 
@@ -56,7 +57,8 @@ class ModelConfig:
     """Hashable model hyper-parameters (see ``config.base_config().model``); built from a run
     config by ``sparse_gpt.plan``, which also sets the values the model takes from other
     sections: the block size and budget (``block_density``, the densest layer the sparsity
-    method will hold) and ``num_tokens`` (the tokenizer's vocabulary)."""
+    method will hold, and ``block_tiers``, the budgets a changing density switches between:
+    :func:`kernel_tier`) and ``num_tokens`` (the tokenizer's vocabulary)."""
     vocab_size: int = 264
     n_layers: int = 4
     d_model: int = 128
@@ -67,11 +69,13 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_unroll: int = 1         # blocks per scan iteration; 0 = all
     init_std: float = 0.02
     matmul: str = "masked"
     kernel_backend: str = "auto"
     block_size: int = 128
     block_density: float = 1.0
+    block_tiers: tuple[float, ...] = ()  # budget tiers (ascending, the last block_density)
     num_tokens: int = 0          # the tokenizer's vocabulary; 0: all vocab_size rows are real
 
     @property
@@ -92,6 +96,9 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                              "set --config.model.n_heads to a divisor of d_model.")
+        if self.scan_unroll < 0:
+            raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 0 (blocks per "
+                             "scan iteration; 0 unrolls all of them).")
         if self.use_rope and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}.")
         for name in ("dtype", "param_dtype"):
@@ -108,11 +115,30 @@ class ModelConfig:
         return _DTYPES[self.param_dtype]
 
 
+def kernel_tier(cfg: ModelConfig, masks: Any) -> jax.Array:
+    """Index of the smallest of ``cfg.block_tiers`` whose block budget holds every masked
+    kernel (its fullest output block column, over its layers); int32 scalar, traced."""
+    import kernels  # local import: the model works without the kernels package loaded
+
+    b, fits = cfg.block_size, jnp.ones(len(cfg.block_tiers), bool)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): m
+            for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+    for path, (_, k, n) in cfg.kernel_shapes().items():
+        if path not in flat:
+            continue
+        per_col = jnp.max(jnp.sum(kernels.pool_blocks(flat[path], (b, b), "any"), axis=-2))
+        budgets = jnp.asarray([kernels.block_budget(k, n, b, t).max_per_col
+                               for t in cfg.block_tiers])
+        fits = fits & (per_col <= budgets)
+    return jnp.argmax(fits).astype(jnp.int32)
+
+
 def _dense(cfg: ModelConfig, features: int, name: str, std: float,
            axes: tuple[str, str], in_features: int | None = None) -> SparseDense:
     return SparseDense(features, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                        kernel_init=nn.initializers.normal(std), matmul=cfg.matmul,
                        block_size=cfg.block_size, block_density=cfg.block_density,
+                       block_tiers=cfg.block_tiers,
                        kernel_backend=cfg.kernel_backend, kernel_axes=axes,
                        in_features=in_features, name=name)
 
@@ -172,20 +198,20 @@ class Attention(nn.Module):
             cols = omission_lib.head_columns(cfg.n_heads, cfg.head_dim, heads_h)
             rows = omission_lib.head_rows(cfg.head_dim, heads_h)
         qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std, ("embed", "qkv"))(
-            x_BxLxD, out_index=cols)
+            x_BxLxD, out_index=cols, frozen=ctx.frozen("attn/qkv"), tier=ctx.tier)
         q, k, v = jnp.split(qkv_BxLx3D.reshape(b, seq_len, 3, n_heads, cfg.head_dim), 3,
                             axis=2)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t[:, :, 0] for t in (q, k, v))
         if cfg.use_rope:
             q_BxLxHxK, k_BxLxHxK = rope(q_BxLxHxK), rope(k_BxLxHxK)
         if ctx.attention is None:
-            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                                       is_causal=True)
+            out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         else:  # attention.Switch: the sparse pattern while its traced flag is on
             out_BxLxHxK = ctx.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
         return _dense(cfg, d, "out", out_std, ("heads", "embed"), in_features=d)(
-            out_BxLxHxK.reshape(b, seq_len, n_heads * cfg.head_dim), in_index=rows)
+            out_BxLxHxK.reshape(b, seq_len, n_heads * cfg.head_dim), in_index=rows,
+            frozen=ctx.frozen("attn/out"), tier=ctx.tier)
 
 
 class MLP(nn.Module):
@@ -204,11 +230,11 @@ class MLP(nn.Module):
             channels = omission_lib.select(scores_F, omission.keep_channels, omission.selection,
                                       self.make_rng("sat"))
         h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std, ("embed", "mlp"))(
-            x_BxLxD, out_index=channels))
+            x_BxLxD, out_index=channels, frozen=ctx.frozen("mlp/fc"), tier=ctx.tier))
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return _dense(cfg, cfg.d_model, "proj", out_std, ("mlp", "embed"), in_features=cfg.ff)(
-            h_BxLxF, in_index=channels)
+            h_BxLxF, in_index=channels, frozen=ctx.frozen("mlp/proj"), tier=ctx.tier)
 
 
 class Block(nn.Module):
@@ -216,8 +242,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array,
-                 ctx: StepContext = StepContext()) -> tuple[jax.Array, None]:
+    def __call__(self, x_BxLxD: jax.Array, ctx: StepContext = StepContext(),
+                 layer: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """``layer``: this block's index in the stack (scanned), read by ``ctx.topology``."""
+        if ctx.topology is not None:
+            ctx = ctx.replace(layer=layer)
         x_BxLxD = _residual(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln1")(x_BxLxD),
                                                              ctx)
@@ -227,13 +256,19 @@ class Block(nn.Module):
 
 
 def stacked_blocks(cfg: ModelConfig, length: int, name: str = "blocks") -> nn.Module:
-    """``length`` decoder blocks under one ``nn.scan`` (params and masks stacked on axis 0)."""
+    """``length`` decoder blocks under one ``nn.scan`` (params and masks stacked on axis 0).
+
+    Called as ``blocks(x, ctx, layers)`` with ``layers = jnp.arange(length)`` (scanned: each
+    block sees its own index; only a frozen ``ctx.topology`` reads it).
+    """
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-    # in_axes=broadcast: every layer gets the same step context (attention switch, SAT
-    # omission spec); the "sat" rng is split so each layer draws its own units.
+    # The step context is broadcast (every layer gets the same attention switch and SAT
+    # omission spec) and the layer index scanned; the "sat" rng is split so each layer
+    # draws its own units.
     scanned = nn.scan(block, variable_axes={"params": 0, "masks": 0},
                       split_rngs={"params": True, "sat": True}, length=length,
-                      in_axes=nn.broadcast,
+                      in_axes=(nn.broadcast, 0),
+                      unroll=min(cfg.scan_unroll or length, length),
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, name=name)
 
@@ -288,5 +323,5 @@ class GPT(nn.Module):
           ctx: the step's modifiers (``context.StepContext``: hybrid attention switch, SAT
             omission; SAT needs a ``"sat"`` rng); the default is the plain model.
         """
-        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), ctx)
+        x_BxLxD, _ = self.blocks(self.embed(tokens_BxL), ctx, jnp.arange(self.cfg.n_layers))
         return self.head(x_BxLxD)

@@ -8,7 +8,10 @@ parameter layout:
   The gradient of a masked-out weight is exactly zero.
 * ``matmul="block_sparse"``: ``kernels.block_sparse_matmul`` over the non-zero blocks of the
   mask, with block metadata built on device from the (traced) mask at a static budget, so a
-  topology change never recompiles. Requires a block-structured mask.
+  topology change never recompiles. Requires a block-structured mask. A fixed topology
+  given as ``frozen`` (per-layer ``FrozenBlockMeta`` from ``StepContext.topology``, and the
+  layer index) replaces the traced metadata: the mask is then trace-time data and the
+  kernel's static form runs (``lax.switch`` over the layers picks the layer's).
 
 A model applied without a ``masks`` collection (or a layer without a mask leaf) is dense.
 
@@ -72,6 +75,8 @@ class SparseDense(nn.Module):
       matmul: "masked" or "block_sparse" (see module docstring).
       block_size: block edge of the block-sparse path.
       block_density: upper bound of this layer's density; sets the static block budget.
+      block_tiers: budget tiers (densities, ascending, the last ``block_density``) for a
+        density that changes during training; the call's ``tier`` picks one.
       kernel_backend: backend of kernels.block_sparse_matmul ("auto", "xla", ...).
       kernel_axes: logical axis names of the [K, N] kernel (and of its mask; the bias gets
         the N name).
@@ -86,6 +91,7 @@ class SparseDense(nn.Module):
     matmul: str = "masked"
     block_size: int = 128
     block_density: float = 1.0
+    block_tiers: tuple[float, ...] = ()
     kernel_backend: str = "auto"
     kernel_axes: tuple[str | None, str | None] = (None, None)
 
@@ -93,13 +99,20 @@ class SparseDense(nn.Module):
 
     @nn.compact
     def __call__(self, x_xK: jax.Array, in_index: jax.Array | None = None,
-                 out_index: jax.Array | None = None) -> jax.Array:
+                 out_index: jax.Array | None = None, frozen: tuple | None = None,
+                 tier: jax.Array | None = None) -> jax.Array:
         """``x @ kernel + bias``; with indices, only the gathered part (SAT's omission).
 
         Args:
           x_xK: input; with ``in_index`` its last dim holds only those kernel rows.
           in_index: kernel rows (input features) to use, or None for all.
           out_index: kernel columns (output features) to compute, or None for all.
+          frozen: ``(metas, layer)``: this kernel's ``FrozenBlockMeta`` per stacked layer and
+            the traced layer index (``StepContext.frozen``); used by ``matmul=block_sparse``
+            in place of the mask's traced metadata. The caller guarantees it describes the
+            mask.
+          tier: traced index into ``block_tiers`` (``gpt.kernel_tier`` of the masks): the
+            block budget of this call, one ``lax.switch`` branch per tier; None: the top.
         """
         k_in = self.in_features or x_xK.shape[-1]
         kernel_KxN = self.param("kernel", logical_init(self.kernel_init, self.kernel_axes),
@@ -111,7 +124,11 @@ class SparseDense(nn.Module):
         else:
             mask_KxN = None
 
-        x_xK = x_xK.astype(self.dtype)
+        # Products run on [M, K] rows (M = all leading dims): XLA:CPU fuses the GELU of a
+        # [B, L, F] product (and its derivative) into a 3-D dot as a slow loop, 2.6x the
+        # 2-D GEMMs' time (tiny's MLP, fwd + bwd).
+        lead = x_xK.shape[:-1]
+        x_MxK = x_xK.astype(self.dtype).reshape(-1, x_xK.shape[-1])
         kernel_KxN = kernel_KxN.astype(self.dtype)
         sliced = in_index is not None or out_index is not None
         if sliced:
@@ -123,13 +140,16 @@ class SparseDense(nn.Module):
             kernel_KxN = _take(kernel_KxN, in_index, out_index)
             mask_KxN = None if mask_KxN is None else _take(mask_KxN, in_index, out_index)
         if mask_KxN is None:
-            y_xN = x_xK @ kernel_KxN
+            y_MxN = x_MxK @ kernel_KxN
         elif self.matmul == "masked" or self.is_initializing():
             # At init the masks are still all True, which no sparse block budget holds.
-            y_xN = x_xK @ jnp.where(mask_KxN, kernel_KxN, jnp.zeros((), self.dtype))
+            y_MxN = x_MxK @ jnp.where(mask_KxN, kernel_KxN, jnp.zeros((), self.dtype))
+        elif self.matmul == "block_sparse" and frozen is not None:
+            y_MxN = _frozen_block_sparse(x_MxK, kernel_KxN, *frozen, self.kernel_backend)
         elif self.matmul == "block_sparse":
-            y_xN = _block_sparse(x_xK, kernel_KxN, mask_KxN, self.block_size,
-                                 self.block_density, self.kernel_backend)
+            tiers = self.block_tiers if tier is not None else ()
+            y_MxN = _block_sparse(x_MxK, kernel_KxN, mask_KxN, self.block_size,
+                                 tiers or (self.block_density,), tier, self.kernel_backend)
         else:
             raise ValueError(f"Unknown matmul {self.matmul!r}: use 'masked' or 'block_sparse' "
                              "(--config.model.matmul).")
@@ -139,8 +159,8 @@ class SparseDense(nn.Module):
                                 (self.features,), self.param_dtype)
             if out_index is not None:
                 bias_N = bias_N[out_index]
-            y_xN = y_xN + bias_N.astype(self.dtype)
-        return y_xN
+            y_MxN = y_MxN + bias_N.astype(self.dtype)
+        return y_MxN.reshape(*lead, y_MxN.shape[-1])
 
 
 def _take(w_KxN: jax.Array, rows: jax.Array | None, cols: jax.Array | None) -> jax.Array:
@@ -151,18 +171,48 @@ def _take(w_KxN: jax.Array, rows: jax.Array | None, cols: jax.Array | None) -> j
     return w_KxN
 
 
-def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, block_density, backend):
-    """Routes one projection through the block-sparse kernel (metadata built on device)."""
+def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, tiers, tier, backend):
+    """Routes one projection through the block-sparse kernel (metadata built on device), at
+    the block budget of ``tiers[tier]`` (one ``lax.switch`` branch per distinct budget)."""
     import kernels  # local import: the model works without the kernels package loaded
 
-    budget = kernels.block_budget(kernel_KxN.shape[0], kernel_KxN.shape[1], block_size,
-                                  block_density)
+    k, n = kernel_KxN.shape
+    budgets = [kernels.block_budget(k, n, block_size, t) for t in tiers]
+    distinct = list(dict.fromkeys(budgets))
 
-    def local(x_xK, kernel_KxN, mask_KxN):
-        meta = kernels.make_block_meta(mask_KxN, block_size=block_size, budget=budget)
-        return kernels.block_sparse_matmul(x_xK, kernel_KxN, meta, backend=backend)
+    def at(budget):
+        def product(x_xK, kernel_KxN, mask_KxN):
+            meta = kernels.make_block_meta(mask_KxN, block_size=block_size, budget=budget)
+            return kernels.block_sparse_matmul(x_xK, kernel_KxN, meta, backend=backend)
+        return product
 
-    return over_batch_shards(local, (x_xK, kernel_KxN, mask_KxN), (True, False, False))
+    def local(x_xK, kernel_KxN, mask_KxN, tier):
+        if len(distinct) == 1:
+            return at(distinct[0])(x_xK, kernel_KxN, mask_KxN)
+        index = jnp.asarray([distinct.index(b) for b in budgets], jnp.int32)[tier]
+        return jax.lax.switch(index, [at(b) for b in distinct], x_xK, kernel_KxN, mask_KxN)
+
+    tier = jnp.zeros((), jnp.int32) if tier is None else tier
+    return over_batch_shards(local, (x_xK, kernel_KxN, mask_KxN, tier),
+                             (True, False, False, False))
+
+
+def _frozen_block_sparse(x_xK, kernel_KxN, metas: tuple, layer: jax.Array, backend: str):
+    """The block-sparse product with a trace-time topology: one branch per distinct layer
+    topology (``lax.switch`` on the traced layer index; no switch when all layers agree)."""
+    import kernels  # local import: the model works without the kernels package loaded
+
+    distinct = list(dict.fromkeys(metas))
+    branches = [lambda x, w, m=m: kernels.block_sparse_matmul(x, w, m, backend=backend)
+                for m in distinct]
+
+    def local(x_xK, kernel_KxN, layer):
+        if len(branches) == 1:
+            return branches[0](x_xK, kernel_KxN)
+        index = jnp.asarray([distinct.index(m) for m in metas], jnp.int32)[layer]
+        return jax.lax.switch(index, branches, x_xK, kernel_KxN)
+
+    return over_batch_shards(local, (x_xK, kernel_KxN, layer), (True, False, False))
 
 
 def over_batch_shards(fn: Callable, args: tuple, batched: tuple[bool, ...]) -> jax.Array:

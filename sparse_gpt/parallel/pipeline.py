@@ -116,7 +116,8 @@ def _stage_loop(params_RxJ, masks_RxJ, x_MxBxLxD, *, blocks: nn.Module,
     def run_stage(r, x_BxLxD):
         p, m = _take(params_RxJ, r), _take(masks_RxJ, r)
         variables = {"params": p} if m is None else {"params": p, "masks": m}
-        return blocks.apply(variables, x_BxLxD)[0]
+        layers = jnp.arange(jax.tree.leaves(p)[0].shape[0])  # the stage's stacked blocks
+        return blocks.apply(variables, x_BxLxD, StepContext(), layers)[0]
 
     if repeats > 1:
         # The repeat's weights are picked per tick; saved for the backward pass they would be

@@ -45,7 +45,7 @@ RESUMABLE = ("train.num_steps", "train.lr", "train.log_every", "train.eval_every
              "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
              "train.progress_bar", "train.sample_tokens", "train.sample_prompt",
              "train.init_from", "data.path", "data.data_dir", "data.num_workers", "mesh.*",
-             "preset")
+             "model.scan_unroll", "preset")
 
 
 def _short(e: Exception, limit: int = 200) -> str:

@@ -30,6 +30,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparse_gpt import flops as flops_lib
@@ -121,12 +122,15 @@ def loss_fn(params: PyTree, masks: PyTree | None, batch: Batch, model: nn.Module
     return cross_entropy(forward(params, masks, batch["inputs"], model, ctx), batch)[0]
 
 
-def step_contexts(step, rng, attention=None, sat=None) -> tuple[list[StepContext], Any]:
+def step_contexts(step, rng, attention=None, sat=None, topology=None, tier=None
+                  ) -> tuple[list[StepContext], Any]:
     """The step's contexts and which one applies: ``([ctx], 0)`` without SAT; with SAT one
-    per distinct omission rate (static shapes each) and the traced index of the step's."""
+    per distinct omission rate (static shapes each) and the traced index of the step's.
+    ``topology``: a frozen ``model.topology.Topology`` for the block-sparse layers, or None;
+    ``tier``: the block budget tier of the masks (:func:`budget_tier`), or None."""
     switch = None if attention is None else attention.switch(step)
     if sat is None:
-        return [StepContext(attention=switch)], 0
+        return [StepContext(attention=switch, topology=topology, tier=tier)], 0
     contexts = []
     for i in range(len(sat.rates)):
         omission = sat.omission(i)
@@ -135,8 +139,42 @@ def step_contexts(step, rng, attention=None, sat=None) -> tuple[list[StepContext
     return contexts, sat.branch(step)
 
 
+def budget_tier(model: nn.Module, masks: PyTree) -> jax.Array | None:
+    """The block budget tier the masks fit (``gpt.kernel_tier``), or None for a model
+    without tiers (a method whose density never changes, or no block-sparse kernels)."""
+    if model.cfg.matmul != "block_sparse" or not model.cfg.block_tiers:
+        return None
+    return model_lib.kernel_tier(model.cfg, masks)
+
+
+def keeps_fixed_masks(model: nn.Module, method: Any, num_stages: int = 1) -> bool:
+    """Whether the steps should take ``fixed_masks`` (the masks' frozen topology): a
+    block-sparse model whose method never changes its masks (static; a dense phase leaves
+    the kernels through :func:`dense_when_all_live`), without pipeline stages."""
+    return (model.cfg.matmul == "block_sparse" and not method.evolves
+            and not method.always_dense and num_stages == 1)
+
+
+def host_copy(tree: PyTree) -> PyTree:
+    """``tree`` as numpy arrays on every process (gathered across processes if split)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def frozen_topology(model: nn.Module, fixed_masks: PyTree | None):
+    """The ``Topology`` the block-sparse layers multiply with for host masks that never
+    change (``fixed_masks``), or None (masked matmul, or no fixed masks)."""
+    if fixed_masks is None or model.cfg.matmul != "block_sparse":
+        return None
+    from sparse_gpt.model.topology import Topology
+    return Topology.of(fixed_masks, model.cfg.block_size)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: Any,
-                    forward: Forward = forward, attention: Any = None, sat: Any = None
+                    forward: Forward = forward, attention: Any = None, sat: Any = None,
+                    fixed_masks: PyTree | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns ``train_step(state, batch) -> (state, metrics)``, pure and jittable.
 
@@ -151,16 +189,33 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
     at the rate of the step's stair: one ``lax.switch`` branch per distinct rate (static
     shapes each), so the ladder never recompiles. Each adds its ``metrics(step)``; their
     compatibility with the method and the pipeline is checked by ``plan.from_config``.
+
+    ``fixed_masks``: host (numpy) copies of ``state.masks`` for a method whose masks never
+    change (``not method.evolves``; ``trainer.make_steps`` passes the first state's). The
+    block-sparse layers then multiply with their frozen ``Topology`` (static slices, no
+    metadata built per step) and the FLOP count is a constant; every state given to the step
+    must carry these masks. A method that keeps every mask live (``method.always_dense``)
+    runs the model without masks, and only a method that changes masks re-applies them after
+    the optimizer update (elsewhere a masked weight has zero gradient and zero moments, so
+    it stays zero).
     """
     grad_fn = jax.value_and_grad(loss_fn)
+    topology = frozen_topology(model, fixed_masks)
+    # What the FLOP count sees of the masks: none (dense), the host constants (fixed, and
+    # never lifted to dense mid-run), or the state's.
+    counted = {} if method.always_dense else (
+        fixed_masks if fixed_masks is not None and not method.goes_dense else None)
+
+    def model_masks(state):
+        return None if method.always_dense else state.masks
 
     def flops_of(state, batch, ctx, dense_step):
         batch_size, seq_len = batch["inputs"].shape
-        return flops_lib.step_flops(model.cfg, state.masks, batch_size, seq_len, ctx,
-                                    dense_weight_grad=dense_step)
+        return flops_lib.step_flops(model.cfg, state.masks if counted is None else counted,
+                                    batch_size, seq_len, ctx, dense_weight_grad=dense_step)
 
     def masked_grads(state, batch, ctx, dense_step):
-        loss, grads = grad_fn(state.params, state.masks, batch, model, forward, ctx)
+        loss, grads = grad_fn(state.params, model_masks(state), batch, model, forward, ctx)
         return loss, grads, grads, flops_of(state, batch, ctx, dense_step)
 
     def dense_grads(state, batch, ctx, dense_step):
@@ -177,7 +232,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         rng, update_rng = jax.random.split(rng)
         dense_step = method.dense_grad_step(state.step)
         contexts, branch = step_contexts(state.step, jax.random.fold_in(update_rng, 1),
-                                         attention, sat)
+                                         attention, sat, topology,
+                                         budget_tier(model, state.masks))
         if len(contexts) > 1:
             branches = [lambda st, b, d, c=c: masked_grads(st, b, c, d) for c in contexts]
             loss, grads, score_grads, step_flops = jax.lax.switch(
@@ -190,7 +246,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
                                                                 dense_step)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = masks_lib.apply_masks(optax.apply_updates(state.params, updates), state.masks)
+        params = optax.apply_updates(state.params, updates)
+        if method.evolves:   # stale moments of a just-dropped weight could move it
+            params = masks_lib.apply_masks(params, state.masks)
         params, masks, opt_state, sparsity_state = method.update(
             state.step, params, state.masks, score_grads, opt_state, update_rng,
             state.sparsity_state)
@@ -204,7 +262,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         new = new.replace(step=state.step + 1, bad_step=jnp.where(
             finite | (state.bad_step >= 0), state.bad_step, state.step))
         metrics = {"loss": loss, "grad_norm": grad_norm, "dense_flops": step_flops["dense"],
-                   "density": flops_lib.density(state.masks)}
+                   "density": flops_lib.density(state.masks if counted is None else counted)}
         for modifier in (attention, sat):
             if modifier is not None:
                 metrics.update(modifier.metrics(state.step))
@@ -213,11 +271,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
     return train_step
 
 
-def make_eval_step(model: nn.Module,
-                   forward: Forward = forward) -> Callable[[TrainState, Batch], dict]:
-    """Returns ``eval_step(state, batch) -> {"loss_sum", "weight"}`` for exact averaging."""
+def make_eval_step(model: nn.Module, forward: Forward = forward, method: Any = None,
+                   fixed_masks: PyTree | None = None) -> Callable[[TrainState, Batch], dict]:
+    """Returns ``eval_step(state, batch) -> {"loss_sum", "weight"}`` for exact averaging.
+
+    ``method`` and ``fixed_masks`` as for :func:`make_train_step` (None: the state's masks).
+    """
+    dense = method is not None and method.always_dense
+    topology = frozen_topology(model, fixed_masks)
+
     def eval_step(state: TrainState, batch: Batch):
-        logits = forward(state.params, state.masks, batch["inputs"], model)
+        ctx = StepContext(topology=topology, tier=budget_tier(model, state.masks))
+        logits = forward(state.params, None if dense else state.masks, batch["inputs"], model,
+                         ctx)
         loss, weight = cross_entropy(logits, batch)
         return {"loss_sum": loss * weight, "weight": weight}
     return eval_step

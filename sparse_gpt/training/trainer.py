@@ -50,7 +50,10 @@ def make_steps(plan: plan_lib.Plan, model, tx, method, mesh: Mesh | None = None,
 
     Shardings come from the model's logical axis names and ``config.mesh.rules``; with more
     than one pipeline stage the model runs through ``pipeline.make_forward``; a block-sparse
-    model whose method may go dense through ``train_lib.dense_when_all_live``.
+    model whose method may go dense through ``train_lib.dense_when_all_live``. A
+    block-sparse model whose masks never change gets steps specialised to the masks of the
+    first state they are called with (``step.keeps_fixed_masks``): every later state must
+    hold the same masks, as every state of one run does.
     ``compiler_options`` go to XLA for every step (tests use
     ``{"xla_backend_optimization_level": 0}``: 3x faster compiles of slower code).
     """
@@ -74,15 +77,30 @@ def make_steps(plan: plan_lib.Plan, model, tx, method, mesh: Mesh | None = None,
     jit = functools.partial(sharding.jit, mesh=mesh, rules=plan.rules,
                             compiler_options=compiler_options)
     init = jit(init_fn, out_shardings=state_sh)
-    train = jit(train_lib.make_train_step(model, tx, method, forward, attention=plan.attention,
-                                          sat=plan.sat),
-                in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                donate_argnums=0)
-    evaluate_ = jit(train_lib.make_eval_step(model, forward), in_shardings=(state_sh, batch_sh),
-                    out_shardings=replicated)
     put = functools.partial(sharding.put_batch, sharding=batch_sh, batch_size=plan.batch_size)
-    return Steps(mesh, init, lambda state, batch: train(state, put(batch)),
-                 lambda state, batch: evaluate_(state, put(batch)))
+
+    def build(fixed_masks):
+        train = jit(train_lib.make_train_step(model, tx, method, forward,
+                                              attention=plan.attention, sat=plan.sat,
+                                              fixed_masks=fixed_masks),
+                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                    donate_argnums=0)
+        evaluate_ = jit(train_lib.make_eval_step(model, forward, method, fixed_masks),
+                        in_shardings=(state_sh, batch_sh), out_shardings=replicated)
+        return (lambda state, batch: train(state, put(batch)),
+                lambda state, batch: evaluate_(state, put(batch)))
+
+    if not train_lib.keeps_fixed_masks(model, method, mesh.shape["stage"]):
+        return Steps(mesh, init, *build(None))
+    built: list = []
+
+    def steps_of(state):  # the first state's masks are the run's (the method never changes them)
+        if not built:
+            built.extend(build(train_lib.host_copy(state.masks)))
+        return built
+
+    return Steps(mesh, init, lambda state, batch: steps_of(state)[0](state, batch),
+                 lambda state, batch: steps_of(state)[1](state, batch))
 
 
 def evaluate(eval_step, state: train_lib.TrainState, batches: list[dict],

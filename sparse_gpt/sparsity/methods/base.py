@@ -67,6 +67,9 @@ class SparsityMethod:
     starts_dense: ClassVar[bool] = False
     # The method changes the topology on a schedule over [update_start, update_end].
     evolves: ClassVar[bool] = False
+    # Every mask stays all live for the whole run (dense training): the train step then
+    # applies the model without its masks and does no mask work at all.
+    always_dense: ClassVar[bool] = False
 
     @classmethod
     def resolve(cls, settings: Settings, values: dict) -> dict:
@@ -98,10 +101,28 @@ class SparsityMethod:
         """
         if self.starts_dense:
             return 1.0
+        return self._densest_at_target(shapes)
+
+    def _densest_at_target(self, shapes: Shapes) -> float:
         s = self.settings
         dens = masks_lib.layer_densities(shapes, s.density, s.distribution, s.explicit)
         units = {p: s.structure.units(shapes[p]) for p in shapes}
         return max(masks_lib.n_keep(dens[p], units[p]) / units[p] for p in shapes)
+
+    def kernel_tiers(self, shapes: Shapes) -> tuple[float, ...]:
+        """Block budgets (densities, ascending) a block-sparse model switches between.
+
+        From the densest layer at the target ``density`` (the sparsest the budget gets),
+        doubling, up to :meth:`max_density`: GMP from 1 down to 25% runs budgets of 1/4,
+        1/2 and 1, each a compiled branch, so its sparse phase pays only its blocks. One
+        tier (no switch) for a method whose density never changes. A method whose schedule
+        goes below ``density`` (none built in) must override this.
+        """
+        low, top = self._densest_at_target(shapes), self.max_density(shapes)
+        tiers = [low]
+        while tiers[-1] * 2 < top - 1e-9:
+            tiers.append(tiers[-1] * 2)
+        return tuple(tiers + [top]) if top > low + 1e-9 else (top,)
 
     @property
     def goes_dense(self) -> bool:

@@ -1,0 +1,248 @@
+"""Train-step time of every sparsity method against dense, interleaved in one process.
+
+Run from the repository root::
+
+    python benchmarks/step_speed.py                                   # both shapes, all arms
+    python benchmarks/step_speed.py --shapes 4x128:128:16 --arms dense,static75 --steps 10
+    python benchmarks/step_speed.py --preset gpt2-small --arms dense,static87.5 --batch 8 \\
+        --seq 1024 --steps 10                                         # GPU suite
+    python benchmarks/step_speed.py --smoke        # CPU, under a minute: 2x128, 2 rounds
+
+A shape is ``LAYERSxD_MODEL:SEQ:BATCH`` (heads = d_model / 64, at least 2; byte vocabulary);
+``--preset`` takes a preset of ``sparse_gpt/config.py`` instead. Arms (each the same model,
+``trainer.make_steps`` as ``train.py`` builds it, one fixed random batch):
+
+    plain          a minimal Flax GPT of the same shape (no masks, no bookkeeping): the floor
+    dense          method=dense
+    masked75       static 75%, column-balanced blocks, the dense masked product
+    static75/87.5  the SambaNova recipe (sparse_pretrain.py's block size) on the block kernels
+    set75 rigl75 gmp75   75%, column-balanced blocks on the block kernels; GMP timed at its
+                   final density (after update_end)
+    mst-warmup mst-ultra mst-restore   MST (ultra-sparse 87.5%, final 75%, blocks, kernels)
+                   timed inside each phase
+
+After compiling and two warm-up steps per arm, ``--steps`` rounds time one step of every arm
+in turn (A, B, C, A, B, C, ...) and each arm's median is reported. Steps where the method
+changes its topology (``update_every=10``) are timed apart, in the ``update ms`` column.
+Columns: ms/step, speed-up (dense ms / arm ms), the FLOP limit (dense / arm step FLOPs,
+``sparse_gpt/flops.py``) and the share of the limit reached (speed-up / limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datetime  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks._results import save_result  # noqa: E402
+from sparse_gpt import cli, config as config_lib, flops as flops_lib, plan as plan_lib  # noqa: E402
+from sparse_gpt.configs import sparse_pretrain  # noqa: E402
+from sparse_gpt.training import step as train_lib, trainer  # noqa: E402
+
+SHAPES = ("4x128:128:16", "4x512:256:8")
+ARMS = ("plain", "dense", "masked75", "static75", "static87.5", "set75", "rigl75", "gmp75",
+        "mst-warmup", "mst-ultra", "mst-restore")
+NUM_STEPS = 1000            # the schedules' horizon (update_end = 750, MST phases inside)
+
+
+def _blocks(d: int, density: float, kernels: bool = True) -> dict:
+    return {"sparsity.density": density, "sparsity.structure": "block",
+            "sparsity.block_balance": "column",
+            "sparsity.block_size": sparse_pretrain.block_size(d, density),
+            "model.matmul": "block_sparse" if kernels else "masked"}
+
+
+def arm_overrides(arm: str, d: int) -> tuple[dict, int]:
+    """The config overrides of ``arm`` and the step its timing starts at."""
+    dynamic = {"sparsity.update_every": 10}
+    if arm == "dense":
+        return {}, 0
+    if arm.startswith(("masked", "static")):
+        density = 1 - float(arm.removeprefix("masked").removeprefix("static")) / 100
+        return {"sparsity.method": "static", **_blocks(d, density, arm.startswith("static"))}, 0
+    if arm in ("set75", "rigl75", "gmp75"):
+        start = 800 if arm == "gmp75" else 0    # GMP: past update_end, at its final density
+        return {"sparsity.method": arm[:-2], **_blocks(d, 0.25), **dynamic}, start
+    if arm.startswith("mst-"):
+        mst = {"sparsity.method": "mst", **_blocks(d, 0.125), **dynamic,
+               "sparsity.mst_final_density": 0.25}
+        # update window [0, 750]: warm-up to 187, ultra-sparse to 562, restoration to 750.
+        return mst, {"mst-warmup": 100, "mst-ultra": 300, "mst-restore": 680}[arm]
+    raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+
+def base_config(shape: str | None, preset: str | None, batch: int | None, seq: int | None):
+    c = config_lib.get_config(preset or "tiny")
+    over = {"train.num_steps": NUM_STEPS, "train.warmup_steps": 10, "train.progress_bar": False}
+    if shape:
+        layers, rest = shape.split("x")
+        d, seq_s, batch_s = (int(v) for v in rest.split(":"))
+        over.update({"model.n_layers": int(layers), "model.d_model": d,
+                     "model.n_heads": max(2, d // 64), "model.max_len": int(seq_s),
+                     "data.seq_len": int(seq_s), "train.batch_size": int(batch_s)})
+    if batch:
+        over["train.batch_size"] = batch
+    if seq:
+        over.update({"data.seq_len": seq, "model.max_len": max(seq, c.model.max_len)})
+    for k, v in over.items():
+        cli.apply_override(c, k, str(v))
+    return c
+
+
+class PlainGPT(nn.Module):
+    """A minimal pre-LayerNorm GPT of the same shape: the floor a dense step is held to."""
+    vocab: int
+    layers: int
+    d: int
+    heads: int
+    max_len: int
+
+    @nn.compact
+    def __call__(self, tokens_BxL):
+        wte = nn.Embed(self.vocab, self.d, embedding_init=nn.initializers.normal(0.02))
+        x = wte(tokens_BxL) + nn.Embed(self.max_len, self.d)(jnp.arange(tokens_BxL.shape[1]))
+        b, seq_len, _ = x.shape
+        for _ in range(self.layers):
+            h = nn.Dense(3 * self.d)(nn.LayerNorm()(x)).reshape(b, seq_len, 3, self.heads, -1)
+            a = jax.nn.dot_product_attention(h[:, :, 0], h[:, :, 1], h[:, :, 2], is_causal=True)
+            x = x + nn.Dense(self.d)(a.reshape(b, seq_len, self.d))
+            x = x + nn.Dense(self.d)(nn.gelu(nn.Dense(4 * self.d)(nn.LayerNorm()(x))))
+        return wte.attend(nn.LayerNorm()(x))
+
+
+def plain_arm(c, batch):
+    m = c.model
+    model = PlainGPT(m.vocab_size, m.n_layers, m.d_model, m.n_heads, m.max_len)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
+    params = model.init(jax.random.key(0), batch["inputs"][:1])
+    state = (params, tx.init(params))
+
+    def loss(p):
+        logp = jax.nn.log_softmax(model.apply(p, batch["inputs"]))
+        return -jnp.mean(jnp.take_along_axis(logp, batch["targets"][..., None], -1))
+
+    @jax.jit
+    def step(state, tokens):
+        del tokens
+        p, o = state
+        value, g = jax.value_and_grad(loss)(p)
+        u, o = tx.update(g, o, p)
+        return (optax.apply_updates(p, u), o), {"loss": value}
+    return step, state
+
+
+def make_arm(arm: str, c0, batch):
+    """``(step, state, is_update(step) -> bool, step FLOPs)`` of one arm."""
+    if arm == "plain":
+        step, state = plain_arm(c0, batch)
+        return step, state, (lambda s: False), None
+    c = c0.copy_and_resolve_references()
+    over, start = arm_overrides(arm, c.model.d_model)
+    for k, v in over.items():
+        cli.apply_override(c, k, str(v))
+    plan = plan_lib.from_config(c)
+    model, tx, method = train_lib.build(plan)
+    steps = trainer.make_steps(plan, model, tx, method)
+    state = steps.init(jax.random.key(0))
+    if start:
+        # One update step at the phase brings the masks to its scheduled density.
+        while not bool(method.is_update_step(start)):
+            start -= 1
+        state, _ = steps.train_step(state.replace(step=jnp.asarray(start, jnp.int32)), batch)
+    b, seq_len = batch["inputs"].shape
+    flops = flops_lib.step_flops(model.cfg, jax.device_get(state.masks), b, seq_len)
+    return steps.train_step, state, (lambda s: bool(method.is_update_step(s))), flops
+
+
+def run_shape(label: str, c0, arms: list[str], rounds: int) -> str:
+    rng = np.random.default_rng(0)
+    b, seq_len = c0.train.batch_size, c0.data.seq_len
+    tokens = rng.integers(0, min(c0.model.vocab_size, 256), (b, seq_len), np.int32)
+    batch = {"inputs": tokens, "targets": np.roll(tokens, -1, 1),
+             "weights": np.ones((b, seq_len), np.float32)}
+    built = {}
+    for arm in arms:
+        t0 = time.perf_counter()
+        step, state, is_update, flops = make_arm(arm, c0, batch)
+        for _ in range(2):                               # compile, warm up
+            state, out = step(state, batch)
+            jax.block_until_ready(out)
+        built[arm] = [step, state, is_update, flops]
+        print(f"  {label} {arm}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    plain_ms = {a: [] for a in arms}
+    update_ms = {a: [] for a in arms}
+    for _ in range(rounds):
+        for arm in arms:
+            step, state, is_update, _ = built[arm]
+            upd = arm != "plain" and is_update(int(state.step))
+            t0 = time.perf_counter()
+            state, out = step(state, batch)
+            jax.block_until_ready((state, out))
+            (update_ms if upd else plain_ms)[arm].append((time.perf_counter() - t0) * 1e3)
+            built[arm][1] = state
+    med = {a: statistics.median(v) for a, v in plain_ms.items() if v}
+    ref = "dense" if "dense" in med else arms[0]
+    rows = [f"\n### {label}\n", "| arm | ms/step | update ms | speed-up | FLOP limit | "
+            "share of limit |", "|---|---|---|---|---|---|"]
+    for arm in arms:
+        f = built[arm][3]
+        limit = float(f["dense"] / f["sparse"]) if f is not None else None
+        speed = med[ref] / med[arm]
+        upd = (f"{statistics.median(update_ms[arm]):.1f} ({len(update_ms[arm])})"
+               if update_ms[arm] else "-")
+        rows.append(f"| {arm} | {med[arm]:.1f} | {upd} | {speed:.2f}x | "
+                    + (f"{limit:.2f}x | {speed / limit:.2f} |" if limit else "- | - |"))
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--preset", default=None, help="a sparse_gpt/config.py preset (no --shapes)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--arms", default=None, help=f"default: {','.join(ARMS)}")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds")
+    p.add_argument("--smoke", action="store_true", help="toy shape, 2 rounds (CPU tests)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.shapes, a.preset, a.batch, a.seq, a.steps = "2x128:32:2", None, None, None, 2
+        a.arms = a.arms or "dense,static87.5,rigl75"
+    a.arms = a.arms or ",".join(ARMS)
+    shapes = [None] if a.preset else a.shapes.split(",")
+    arms = a.arms.split(",")
+    for arm in arms:
+        if arm != "plain":
+            arm_overrides(arm, 128)                       # an unknown arm fails here
+    head = (f"# Train-step speed: {jax.devices()[0].device_kind} ({platform.machine()}, "
+            f"{os.cpu_count()} CPUs), jax {jax.__version__}, "
+            f"{datetime.date.today().isoformat()}\n\n"
+            f"Interleaved rounds: {a.steps}; medians. Command: python benchmarks/step_speed.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
+    parts = [head]
+    for shape in shapes:
+        c0 = base_config(shape, a.preset, a.batch, a.seq)
+        label = a.preset or shape
+        label += f" (layers x d_model:seq:batch = {c0.model.n_layers}x{c0.model.d_model}:" \
+                 f"{c0.data.seq_len}:{c0.train.batch_size})"
+        parts.append(run_shape(label, c0, arms, a.steps))
+    save_result("\n".join(parts) + "\n", a.out,
+                f"step_speed_{jax.default_backend()}")
+
+
+if __name__ == "__main__":
+    main()
