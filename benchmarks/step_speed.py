@@ -240,6 +240,7 @@ def main(argv=None) -> None:
         label += f" (layers x d_model:seq:batch = {c0.model.n_layers}x{c0.model.d_model}:" \
                  f"{c0.data.seq_len}:{c0.train.batch_size})"
         parts.append(run_shape(label, c0, arms, a.steps))
+        print(parts[-1], flush=True)           # each shape's table as soon as it is done
     save_result("\n".join(parts) + "\n", a.out,
                 f"step_speed_{jax.default_backend()}")
 
