@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -49,6 +49,20 @@ def live_masks(params: Any) -> dict:
         for key in parents:
             node_p, node_m = node_p[key], node_m.setdefault(key, {})
         node_m[leaf] = np.ones(node_p[leaf].shape, bool)
+    return out
+
+
+def kernel_leaves(tree: Any) -> dict[str, Any]:
+    """``{path: leaf}`` of the ``KERNELS`` present in a params or masks tree."""
+    out = {}
+    for path in KERNELS:
+        node = tree
+        for key in path.split("/"):
+            if not isinstance(node, Mapping) or key not in node:
+                break
+            node = node[key]
+        else:
+            out[path] = node
     return out
 
 
@@ -121,8 +135,7 @@ def kernel_tier(cfg: ModelConfig, masks: Any) -> jax.Array:
     import kernels  # local import: the model works without the kernels package loaded
 
     b, fits = cfg.block_size, jnp.ones(len(cfg.block_tiers), bool)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): m
-            for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+    flat = kernel_leaves(masks)
     for path, (_, k, n) in cfg.kernel_shapes().items():
         if path not in flat:
             continue

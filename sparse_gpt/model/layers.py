@@ -177,8 +177,6 @@ def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, tiers, tier, backend):
     import kernels  # local import: the model works without the kernels package loaded
 
     k, n = kernel_KxN.shape
-    budgets = [kernels.block_budget(k, n, block_size, t) for t in tiers]
-    distinct = list(dict.fromkeys(budgets))
 
     def at(budget):
         def product(x_xK, kernel_KxN, mask_KxN):
@@ -186,33 +184,36 @@ def _block_sparse(x_xK, kernel_KxN, mask_KxN, block_size, tiers, tier, backend):
             return kernels.block_sparse_matmul(x_xK, kernel_KxN, meta, backend=backend)
         return product
 
-    def local(x_xK, kernel_KxN, mask_KxN, tier):
-        if len(distinct) == 1:
-            return at(distinct[0])(x_xK, kernel_KxN, mask_KxN)
-        index = jnp.asarray([distinct.index(b) for b in budgets], jnp.int32)[tier]
-        return jax.lax.switch(index, [at(b) for b in distinct], x_xK, kernel_KxN, mask_KxN)
-
-    tier = jnp.zeros((), jnp.int32) if tier is None else tier
-    return over_batch_shards(local, (x_xK, kernel_KxN, mask_KxN, tier),
-                             (True, False, False, False))
+    budgets = [kernels.block_budget(k, n, block_size, t) for t in tiers]
+    return _switched(at, budgets, tier, (x_xK, kernel_KxN, mask_KxN), (True, False, False))
 
 
 def _frozen_block_sparse(x_xK, kernel_KxN, metas: tuple, layer: jax.Array, backend: str):
-    """The block-sparse product with a trace-time topology: one branch per distinct layer
-    topology (``lax.switch`` on the traced layer index; no switch when all layers agree)."""
+    """The block-sparse product with a trace-time topology: the layer's ``metas`` entry."""
     import kernels  # local import: the model works without the kernels package loaded
 
-    distinct = list(dict.fromkeys(metas))
-    branches = [lambda x, w, m=m: kernels.block_sparse_matmul(x, w, m, backend=backend)
-                for m in distinct]
+    def at(meta):
+        return lambda x_xK, kernel_KxN: kernels.block_sparse_matmul(x_xK, kernel_KxN, meta,
+                                                                     backend=backend)
 
-    def local(x_xK, kernel_KxN, layer):
-        if len(branches) == 1:
-            return branches[0](x_xK, kernel_KxN)
-        index = jnp.asarray([distinct.index(m) for m in metas], jnp.int32)[layer]
-        return jax.lax.switch(index, branches, x_xK, kernel_KxN)
+    return _switched(at, metas, layer, (x_xK, kernel_KxN), (True, False))
 
-    return over_batch_shards(local, (x_xK, kernel_KxN, layer), (True, False, False))
+
+def _switched(product_at: Callable, choices: Sequence, index: jax.Array | None, args: tuple,
+              batched: tuple[bool, ...]) -> jax.Array:
+    """``product_at(choices[index])(*args)`` over the batch shards: one ``lax.switch``
+    branch per distinct (hashable) choice, none when they are all the same."""
+    distinct = list(dict.fromkeys(choices))
+
+    def local(*args_and_index):
+        *args, index = args_and_index
+        if len(distinct) == 1:
+            return product_at(distinct[0])(*args)
+        branch = jnp.asarray([distinct.index(c) for c in choices], jnp.int32)[index]
+        return jax.lax.switch(branch, [product_at(c) for c in distinct], *args)
+
+    index = jnp.zeros((), jnp.int32) if index is None else index
+    return over_batch_shards(local, (*args, index), (*batched, False))
 
 
 def over_batch_shards(fn: Callable, args: tuple, batched: tuple[bool, ...]) -> jax.Array:

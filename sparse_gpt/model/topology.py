@@ -33,25 +33,22 @@ class Topology:
     kernels: tuple[tuple[str, tuple[Any, ...]], ...]
 
     @classmethod
-    def of(cls, masks: Mapping, block_size: int, prefix: str = "blocks/") -> "Topology":
+    def of(cls, masks: Mapping, block_size: int) -> "Topology":
         """The topology of a (host) mask tree whose stacked kernels are ``[layers, K, N]``.
 
         Args:
           masks: the ``masks`` collection (numpy or fully addressable arrays).
           block_size: the block edge of the kernels.
-          prefix: path of the stacked blocks in the tree.
 
         Raises:
           ValueError: a mask that is not made of whole ``block_size`` blocks (the kernels
             multiply whole blocks; a partial block would be multiplied whole).
         """
         import kernels  # local import: the model works without the kernels package loaded
-        from sparse_gpt.sparsity import masks as masks_lib
+        from sparse_gpt.model import gpt
 
         out = []
-        for path, mask in sorted(masks_lib.flatten(masks).items()):
-            if not (path.startswith(prefix) and path.endswith("/kernel")):
-                continue
+        for path, mask in sorted(gpt.kernel_leaves(masks).items()):
             m_LxKxN = np.asarray(mask) != 0
             pooled_any = kernels.pool_blocks(m_LxKxN, (block_size, block_size), "any")
             if not np.array_equal(pooled_any, kernels.pool_blocks(m_LxKxN, (block_size,) * 2,
@@ -61,7 +58,7 @@ class Topology:
                                  "--config.sparsity.structure=block with this block size.")
             metas = tuple(kernels.make_block_meta(b, block_size, block_mask=True, frozen=True)
                           for b in pooled_any)
-            out.append((path[len(prefix):-len("/kernel")], metas))
+            out.append((path.removeprefix("blocks/").removesuffix("/kernel"), metas))
         return cls(tuple(out))
 
     def get(self, key: str) -> tuple[Any, ...] | None:
