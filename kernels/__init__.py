@@ -7,6 +7,9 @@ Public API::
     meta = kernels.make_block_meta(mask_KxN, block_size, budget)        # jittable
     y = kernels.block_sparse_matmul(x, w, meta, backend="auto", interpret=False)
     y_ref = kernels.reference_matmul(x, w, meta)                        # dense oracle
+    kidx = kernels.compact_index(block_mask_KbxNb, T)                  # compact layout
+    blocks = kernels.gather_blocks(w, kidx, block_size)                # [Nb, T, B, B]
+    cmeta = kernels.make_compact_meta(kidx, block_size, K)
     kernels.available_backends()
     kernels.register_backend("mine", kernels.MatmulBackend(matmul, matmul_t, sddmm))
 
@@ -17,7 +20,8 @@ Public API::
 Layout (JAX megablox style: a jnp reference, a ``custom_vjp`` public op, backends per file;
 no backend imports another, shared code lives in common.py):
 
-    bsmm/        block-sparse matmul: meta.py (budget and overflow rules), reference.py,
+    bsmm/        block-sparse matmul: meta.py (budget and overflow rules), compact.py (the
+                 live-blocks-only layout of column-balanced weights), reference.py,
                  ops.py (public op, backend registry), xla.py, pallas_gpu.py, pallas_tpu.py
     attention/   block-sparse attention (static patterns given as a hashable
                  ``mask_fn(q_pos, k_pos)``): meta.py, reference.py, ops.py, xla.py, pallas_gpu.py
@@ -38,6 +42,15 @@ from kernels.attention.ops import (
     unregister_attention_backend,
 )
 from kernels.attention.reference import reference_attention
+from kernels.bsmm.compact import (
+    CompactMeta,
+    compact_index,
+    densify_blocks,
+    frozen_index,
+    gather_blocks,
+    index_block_mask,
+    make_compact_meta,
+)
 from kernels.bsmm.meta import (
     BlockBudget,
     BlockMeta,
@@ -67,6 +80,7 @@ __all__ = [
     "BACKENDS",
     "BlockBudget",
     "BlockMeta",
+    "CompactMeta",
     "FrozenBlockMeta",
     "MatmulBackend",
     "attention_meta",
@@ -76,10 +90,16 @@ __all__ = [
     "block_sparse_matmul",
     "check_block_size",
     "column_topk_block_mask",
+    "compact_index",
+    "densify_blocks",
     "element_mask",
     "expand_block_mask",
     "expand_blocks",
+    "frozen_index",
+    "gather_blocks",
+    "index_block_mask",
     "make_block_meta",
+    "make_compact_meta",
     "pool_block_mask",
     "pool_blocks",
     "reference_attention",
