@@ -20,6 +20,15 @@ no change and issues no copy, and ``pl.when(s < count)`` skips their compute. dW
 (``[Nb*T, B, B]``) and scattered into the dense layout by XLA (common.scatter_blocks):
 writing straight into dense dW would leave never-visited blocks uninitialised.
 
+Compact weights (kernels/bsmm/compact.py: ``blocks[j, t]`` is W's block (kidx[j,t], j),
+every slot live) run the same kernels, with only the index maps changed (``_walk``):
+
+    compact_matmul    grid (M/bm, Nb, T): x block (i, kidx[j,t]), blocks[j, t] -> y (i, j)
+    compact_matmul_t  grid (M/bm, Kb, R): slot s = row_slot[k, r]: dY block (i, s // T),
+                      blocks slot s transposed -> dx (i, k)
+    compact_sddmm     grid (Nb, T, M/bm): the dW kernel, every slot live; its compact
+                      output is the result (no scatter, every block visited)
+
 On a real TPU, blocks must be lane-aligned: B a multiple of 128 (checked) and ``bm`` a
 multiple of 16. In interpret mode (CPU tests) any supported B works.
 
@@ -104,32 +113,26 @@ def _dw_kernel(kidx_ref, count_ref, x_ref, dy_ref, dw_ref, acc_ref, *, n_m: int)
                 last=mi == n_m - 1)
 
 
-def _panels(a_MxP, w_KxN, meta: BlockMeta, out_dtype, *, w_t: bool, interpret=False,
-            block_m=None):
-    """``a @ W_sparse`` over the column view, or ``a @ W_sparse^T`` over the row view (``w_t``).
-
-    ``a`` is ``[M, P]`` (P = K forward, N for dX), the result ``[M, Q]`` (Q = N or K); grid
-    (M/bm, Qb, W): step s of output block j DMAs a's block (i, e) and W's block (e, j), or
-    (j, e) for dX, with e = idx[j, s].
-    """
-    b = meta.block_size
-    _check(b, interpret)
-    idx_QbxW, count_Qb = meta.view(rows=w_t)
+def _walk(a_MxP, w, w_block: tuple, w_at, idx_QbxW, count_Qb, out_dtype, *, b: int,
+          w_t: bool, a_div: int = 1, name: str, interpret, block_m):
+    """``[M, Q]``: output block (i, j) sums, over step s of list j (entry e = idx[j, s]),
+    a's block (i, e // a_div) times W's block ``w_at(j, s, e)`` (of shape ``w_block``),
+    transposed when ``w_t``; grid (M/bm, Qb, width), ``count_Qb[j]`` live steps."""
     m = a_MxP.shape[0]
     q, width = idx_QbxW.shape[0] * b, idx_QbxW.shape[1]
     bm = _tile_m(m, block_m)
     a_p = pad_rows(a_MxP, bm)
 
-    def w_block(i, j, s, idx, cnt):
+    def a_block(i, j, s, idx, cnt):
         e = idx[j * width + s]
-        return (j, e) if w_t else (e, j)
+        return i, (lax.div(e, a_div) if a_div > 1 else e)
 
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(a_p.shape[0] // bm, q // b, width),
         in_specs=[
-            pl.BlockSpec((bm, b), lambda i, j, s, idx, cnt: (i, idx[j * width + s])),
-            pl.BlockSpec((b, b), w_block),
+            pl.BlockSpec((bm, b), a_block),
+            pl.BlockSpec(w_block, lambda i, j, s, idx, cnt: w_at(j, s, idx[j * width + s])),
         ],
         out_specs=pl.BlockSpec((bm, b), lambda i, j, s, idx, cnt: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, b), _F32)],
@@ -140,9 +143,28 @@ def _panels(a_MxP, w_KxN, meta: BlockMeta, out_dtype, *, w_t: bool, interpret=Fa
         out_shape=jax.ShapeDtypeStruct((a_p.shape[0], q), out_dtype),
         compiler_params=_params("parallel", "parallel", "arbitrary"),
         interpret=interpret,
-        name="bsmm_dx_tpu" if w_t else "bsmm_fwd_tpu",
-    )(idx_QbxW.reshape(-1), count_Qb, a_p, w_KxN)
+        name=name,
+    )(idx_QbxW.reshape(-1), count_Qb, a_p, w)
     return out[:m]
+
+
+def _panels(a_MxP, w_KxN, meta: BlockMeta, out_dtype, *, w_t: bool, interpret=False,
+            block_m=None):
+    """``a @ W_sparse`` over the column view, or ``a @ W_sparse^T`` over the row view (``w_t``).
+
+    ``a`` is ``[M, P]`` (P = K forward, N for dX), the result ``[M, Q]`` (Q = N or K): step
+    s of output block j DMAs a's block (i, e) and W's block (e, j), or (j, e) for dX, with
+    e = idx[j, s].
+    """
+    b = meta.block_size
+    _check(b, interpret)
+
+    def w_at(j, s, e):
+        return (j, e) if w_t else (e, j)
+
+    return _walk(a_MxP, w_KxN, (b, b), w_at, *meta.view(rows=w_t), out_dtype, b=b, w_t=w_t,
+                 name="bsmm_dx_tpu" if w_t else "bsmm_fwd_tpu", interpret=interpret,
+                 block_m=block_m)
 
 
 # The backend interface: the forward walks the column view, dX the row view (W transposed).
@@ -150,13 +172,12 @@ matmul = functools.partial(_panels, w_t=False)
 matmul_t = functools.partial(_panels, w_t=True)
 
 
-def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
-    """Sampled dW on the real blocks only, returned in the dense layout (interface)."""
-    b = meta.block_size
-    _check(b, interpret)
+def _dw_blocks(x_MxK, dy_MxN, kidx_NbxT, count_Nb, b: int, out_dtype, *, name: str,
+               interpret, block_m):
+    """``[Nb*T, B, B]``: block (j, t) = ``x[:, kidx[j,t]]^T @ dY[:, j]``, zero for padding."""
     m = x_MxK.shape[0]
     n = dy_MxN.shape[1]
-    t = meta.col_kidx_NbxT.shape[1]
+    t = kidx_NbxT.shape[1]
     bm = _tile_m(m, block_m)
     x_p, dy_p = pad_rows(x_MxK, bm), pad_rows(dy_MxN, bm)
     n_m = x_p.shape[0] // bm
@@ -177,12 +198,62 @@ def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m
         out_specs=pl.BlockSpec((None, b, b), lambda j, s, mi, kidx, cnt: (j * t + s, 0, 0)),
         scratch_shapes=[pltpu.VMEM((b, b), _F32)],
     )
-    blocks = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dw_kernel, n_m=n_m),
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct(((n // b) * t, b, b), _F32),
+        out_shape=jax.ShapeDtypeStruct(((n // b) * t, b, b), out_dtype),
         compiler_params=_params("parallel", "parallel", "arbitrary"),
         interpret=interpret,
-        name="bsmm_dw_tpu",
-    )(meta.col_kidx_NbxT.reshape(-1), meta.col_count_Nb, x_p, dy_p)
+        name=name,
+    )(kidx_NbxT.reshape(-1), count_Nb, x_p, dy_p)
+
+
+def sddmm(x_MxK, dy_MxN, meta: BlockMeta, out_dtype, *, interpret=False, block_m=None):
+    """Sampled dW on the real blocks only, returned in the dense layout (interface)."""
+    b = meta.block_size
+    _check(b, interpret)
+    blocks = _dw_blocks(x_MxK, dy_MxN, meta.col_kidx_NbxT, meta.col_count_Nb, b, _F32,
+                        name="bsmm_dw_tpu", interpret=interpret, block_m=block_m)
     return scatter_blocks(blocks, meta, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Compact weights: ``blocks_NbxTxBxB`` and a ``kernels.bsmm.compact.CompactMeta``.
+
+
+def _all_live(cmeta):
+    return jnp.full((cmeta.kidx_NbxT.shape[0],), cmeta.kidx_NbxT.shape[1], jnp.int32)
+
+
+def compact_matmul(x_MxK, blocks_NbxTxBxB, cmeta, out_dtype, *, interpret=False,
+                   block_m=None):
+    """``y = x @ W`` for a compact weight: step t of block column j DMAs ``blocks[j, t]``
+    (interface)."""
+    b = cmeta.block_size
+    _check(b, interpret)
+    return _walk(x_MxK, blocks_NbxTxBxB, (None, None, b, b), lambda j, s, e: (j, s, 0, 0),
+                 cmeta.kidx_NbxT, _all_live(cmeta), out_dtype, b=b, w_t=False,
+                 name="bsmm_fwd_compact_tpu", interpret=interpret, block_m=block_m)
+
+
+def compact_matmul_t(dy_MxN, blocks_NbxTxBxB, cmeta, out_dtype, *, interpret=False,
+                     block_m=None):
+    """``dX = dY @ W^T`` for a compact weight: step r of K-row k takes slot s of the row
+    view, dY's block s // T and ``blocks`` slot s transposed (interface)."""
+    b = cmeta.block_size
+    _check(b, interpret)
+    nb, t = cmeta.kidx_NbxT.shape
+    w = blocks_NbxTxBxB.reshape(nb * t, b, b)
+    return _walk(dy_MxN, w, (None, b, b), lambda j, s, e: (e, 0, 0), cmeta.row_slot_KbxR,
+                 cmeta.row_count_Kb, out_dtype, b=b, w_t=True, a_div=t,
+                 name="bsmm_dx_compact_tpu", interpret=interpret, block_m=block_m)
+
+
+def compact_sddmm(x_MxK, dy_MxN, cmeta, out_dtype, *, interpret=False, block_m=None):
+    """``dblocks[j, t] = x[:, kidx[j,t]]^T @ dY[:, j]``, written compact (interface)."""
+    b = cmeta.block_size
+    _check(b, interpret)
+    nb, t = cmeta.kidx_NbxT.shape
+    blocks = _dw_blocks(x_MxK, dy_MxN, cmeta.kidx_NbxT, _all_live(cmeta), b, out_dtype,
+                        name="bsmm_dw_compact_tpu", interpret=interpret, block_m=block_m)
+    return blocks.reshape(nb, t, b, b)
