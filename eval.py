@@ -73,7 +73,7 @@ def main(argv):
     n = config.train.eval_batches if args.eval_batches is None else args.eval_batches
     out = trainer.evaluate(eval_step, state, data.val_batches(n), data.bytes_per_token)
     out.update(step=int(state.step), flops=float(state.flops),
-               density=float(flops.density(state.masks)))
+               density=float(flops.density(state.masks, model.cfg)))
     if args.prompt is not None:
         tokens = sampling.generate(model, state.params, state.masks, prompt, args.num_tokens,
                                    temperature=args.temperature, top_k=args.top_k,

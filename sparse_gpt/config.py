@@ -63,6 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
         # (kernels.block_sparse_matmul on non-zero blocks; needs a block-structured mask).
         matmul="masked",
         kernel_backend="auto",   # auto | xla | pallas_gpu | pallas_tpu | reference
+        # How a block-sparse kernel is stored: "dense" ([K, N] weight + [K, N] mask) or
+        # "compact" (only the live blocks, [Nb, T, B, B], with their K-block indices [Nb, T]
+        # as the mask; gradients and Adam moments in the same shape). Compact needs
+        # matmul=block_sparse, column-balanced blocks and a method whose live-block count
+        # is fixed (static, set, rigl). See sparse_gpt/model/compact.py.
+        sparse_storage="dense",
     ))
 
     c.data = ml_collections.ConfigDict(dict(

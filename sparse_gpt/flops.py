@@ -26,6 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_gpt.model import compact
 from sparse_gpt.model.context import StepContext
 from sparse_gpt.sparsity import masks as masks_lib
 
@@ -66,7 +67,8 @@ def step_flops(model_cfg, masks: Tree, batch_size: int, seq_len: int,
     sparse = jnp.zeros((), jnp.float32)
     for path, shape in model_cfg.kernel_shapes().items():
         size = float(shape[0] * shape[1] * shape[2])
-        live = _live(flat[path]) if path in flat else jnp.asarray(size, jnp.float32)
+        live = _live(flat[path], model_cfg) if path in flat else jnp.asarray(size,
+                                                                           jnp.float32)
         kept = kept_channels if path.startswith("blocks/mlp/") else kept_heads
         live = live * kept
         dense += 6.0 * tokens * size
@@ -80,21 +82,31 @@ def step_flops(model_cfg, masks: Tree, batch_size: int, seq_len: int,
                 sparse=sparse + attn * jnp.asarray(pairs, jnp.float32) * kept_heads + head)
 
 
-def _live(mask) -> jnp.ndarray:
-    """Live entries of one mask leaf: counted on the host for a numpy mask."""
+def _live(mask, model_cfg=None) -> jnp.ndarray:
+    """Live entries of one mask leaf: counted on the host for a numpy mask; a compact index
+    leaf (``model/compact.py``) holds ``B * B`` live weights per entry."""
+    if compact.is_compact(mask):
+        if model_cfg is None:
+            raise ValueError("counting a compact index mask needs the model config (its "
+                             "block size): pass model_cfg.")
+        return jnp.asarray(compact.live_weights(model_cfg, mask), jnp.float32)
     if isinstance(mask, np.ndarray):
         return jnp.asarray(np.count_nonzero(mask), jnp.float32)
     return jnp.sum(mask, dtype=jnp.float32)
 
 
-def density(masks: Tree) -> jnp.ndarray:
+def density(masks: Tree, model_cfg=None) -> jnp.ndarray:
     """Overall density: live weights / size over all mask leaves (float32 scalar); 1 for a
-    tree without masks (everything dense)."""
+    tree without masks (everything dense). Compact index leaves need ``model_cfg`` (the
+    block size and the kernels' dense shapes)."""
     flat = masks_lib.flatten(masks)
     if not flat:
         return jnp.ones((), jnp.float32)
-    live = sum((_live(m) for m in flat.values()), jnp.zeros((), jnp.float32))
-    return live / max(sum(m.size for m in flat.values()), 1)
+    live = sum((_live(m, model_cfg) for m in flat.values()), jnp.zeros((), jnp.float32))
+    shapes = {} if model_cfg is None else model_cfg.kernel_shapes()
+    size = sum(int(np.prod(shapes[p])) if compact.is_compact(m) else m.size
+               for p, m in flat.items())
+    return live / max(size, 1)
 
 
 def density_report(masks: Tree, per_matrix: bool = True) -> dict[str, jnp.ndarray]:

@@ -83,6 +83,11 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
         tiers = method.kernel_tiers(shapes)
         model = dataclasses.replace(model, block_density=method.max_density(shapes),
                                     block_tiers=tiers if len(tiers) > 1 else ())
+    if model.sparse_storage == "compact":
+        _check_compact(model, method)
+        slots = method.column_slots(sparse_shapes(method, model))
+        model = dataclasses.replace(model, compact_slots=tuple(
+            (p.removeprefix("blocks/").removesuffix("/kernel"), t) for p, t in slots.items()))
     attention = _attention(config)
     sat = _sat(config, model)
     pipeline = _pipeline(config, num_devices)
@@ -312,6 +317,31 @@ def _check_combination(config, model, method, attention, sat, pipeline) -> None:
     if sat is not None and model.matmul != "masked":
         raise ValueError("SAT's neuron omission slices dense kernels; it needs "
                          "--config.model.matmul=masked (not block_sparse).")
+
+
+def _check_compact(model: ModelConfig, method) -> None:
+    """``model.sparse_storage=compact`` stores a fixed number of live blocks per output block
+    column: it needs the block kernels and a method that keeps that number."""
+    fix = "or keep --config.model.sparse_storage=dense"
+    structure = method.settings.structure
+    if model.matmul != "block_sparse":
+        raise ValueError("model.sparse_storage=compact stores only live blocks, which the "
+                         f"block-sparse kernels multiply: set --config.model.matmul=block_sparse"
+                         f" (with sparsity.structure=block), {fix}.")
+    if structure.kind != "block" or structure.balance != "column":
+        raise ValueError("model.sparse_storage=compact needs column-balanced blocks: set "
+                         "--config.sparsity.structure=block and sparsity.block_balance=column, "
+                         f"{fix}.")
+    if method.always_dense or method.starts_dense:
+        raise ValueError(
+            f"model.sparse_storage=compact holds a fixed number of live blocks per column, but "
+            f"sparsity.method={method.settings.method} is dense at the start (its budget is "
+            "the whole matrix, so compact storage saves nothing): use method static, set or "
+            f"rigl, {fix}.")
+    if method.goes_dense:
+        raise ValueError("model.sparse_storage=compact cannot hold the dense phase "
+                         "(sparsity.dense_finetune_start): set it to -1, "
+                         f"{fix}.")
 
 
 def _check_train(t: ml_collections.ConfigDict) -> None:

@@ -91,6 +91,9 @@ class ModelConfig:
     block_density: float = 1.0
     block_tiers: tuple[float, ...] = ()  # budget tiers (ascending, the last block_density)
     num_tokens: int = 0          # the tokenizer's vocabulary; 0: all vocab_size rows are real
+    sparse_storage: str = "dense"   # dense | compact (live blocks only: model/compact.py)
+    # compact: (kernel key, live blocks per output block column T) of each compact kernel.
+    compact_slots: tuple[tuple[str, int], ...] = ()
 
     @property
     def ff(self) -> int:
@@ -115,10 +118,23 @@ class ModelConfig:
                              "scan iteration; 0 unrolls all of them).")
         if self.use_rope and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}.")
+        if self.sparse_storage not in ("dense", "compact"):
+            raise ValueError(f"model.sparse_storage={self.sparse_storage!r}: use 'dense' or "
+                             "'compact' (--config.model.sparse_storage).")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of "
                                  f"{sorted(_DTYPES)}.")
+
+    def slots(self, key: str) -> int:
+        """Live blocks per output block column of compact kernel ``key`` ("mlp/fc"); 0 for
+        a kernel stored dense."""
+        return dict(self.compact_slots).get(key, 0)
+
+    def dense_layout(self) -> "ModelConfig":
+        """The same model with every kernel stored dense ([K, N] + mask): the layout a
+        compact model is initialised, densified and differentiated densely in."""
+        return dataclasses.replace(self, sparse_storage="dense", compact_slots=())
 
     @property
     def jnp_dtype(self) -> Any:
@@ -146,14 +162,15 @@ def kernel_tier(cfg: ModelConfig, masks: Any) -> jax.Array:
     return jnp.argmax(fits).astype(jnp.int32)
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, std: float,
+def _dense(cfg: ModelConfig, features: int, key: str, std: float,
            axes: tuple[str, str], in_features: int | None = None) -> SparseDense:
+    """The ``SparseDense`` of kernel ``key`` ("attn/qkv"; its module name is the last part)."""
     return SparseDense(features, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                        kernel_init=nn.initializers.normal(std), matmul=cfg.matmul,
                        block_size=cfg.block_size, block_density=cfg.block_density,
-                       block_tiers=cfg.block_tiers,
+                       block_tiers=cfg.block_tiers, slots=cfg.slots(key),
                        kernel_backend=cfg.kernel_backend, kernel_axes=axes,
-                       in_features=in_features, name=name)
+                       in_features=in_features, name=key.rsplit("/", 1)[-1])
 
 
 def _omitting(module: nn.Module, omission: Any, keep: int | None) -> bool:
@@ -210,7 +227,7 @@ class Attention(nn.Module):
             n_heads = omission.keep_heads
             cols = omission_lib.head_columns(cfg.n_heads, cfg.head_dim, heads_h)
             rows = omission_lib.head_rows(cfg.head_dim, heads_h)
-        qkv_BxLx3D = _dense(cfg, 3 * d, "qkv", cfg.init_std, ("embed", "qkv"))(
+        qkv_BxLx3D = _dense(cfg, 3 * d, "attn/qkv", cfg.init_std, ("embed", "qkv"))(
             x_BxLxD, out_index=cols, frozen=ctx.frozen("attn/qkv"), tier=ctx.tier)
         q, k, v = jnp.split(qkv_BxLx3D.reshape(b, seq_len, 3, n_heads, cfg.head_dim), 3,
                             axis=2)
@@ -222,7 +239,7 @@ class Attention(nn.Module):
         else:  # attention.Switch: the sparse pattern while its traced flag is on
             out_BxLxHxK = ctx.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
-        return _dense(cfg, d, "out", out_std, ("heads", "embed"), in_features=d)(
+        return _dense(cfg, d, "attn/out", out_std, ("heads", "embed"), in_features=d)(
             out_BxLxHxK.reshape(b, seq_len, n_heads * cfg.head_dim), in_index=rows,
             frozen=ctx.frozen("attn/out"), tier=ctx.tier)
 
@@ -242,11 +259,11 @@ class MLP(nn.Module):
                 p["proj"]["kernel"][:, None, :], self.make_rng("sat"), omission.probe_tokens)
             channels = omission_lib.select(scores_F, omission.keep_channels, omission.selection,
                                       self.make_rng("sat"))
-        h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "fc", cfg.init_std, ("embed", "mlp"))(
+        h_BxLxF = nn.gelu(_dense(cfg, cfg.ff, "mlp/fc", cfg.init_std, ("embed", "mlp"))(
             x_BxLxD, out_index=channels, frozen=ctx.frozen("mlp/fc"), tier=ctx.tier))
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        return _dense(cfg, cfg.d_model, "proj", out_std, ("mlp", "embed"), in_features=cfg.ff)(
+        return _dense(cfg, cfg.d_model, "mlp/proj", out_std, ("mlp", "embed"), in_features=cfg.ff)(
             h_BxLxF, in_index=channels, frozen=ctx.frozen("mlp/proj"), tier=ctx.tier)
 
 

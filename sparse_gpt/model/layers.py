@@ -12,6 +12,11 @@ parameter layout:
   given as ``frozen`` (per-layer ``FrozenBlockMeta`` from ``StepContext.topology``, and the
   layer index) replaces the traced metadata: the mask is then trace-time data and the
   kernel's static form runs (``lax.switch`` over the layers picks the layer's).
+* ``slots=T > 0`` (``model.sparse_storage=compact``): the kernel is stored compact, only its
+  live blocks: the ``kernel`` param is ``[Nb, T, B, B]`` (block ``[j, t]`` is W's block at
+  K-block row ``mask[j, t]``, output block column ``j``) and the ``masks`` leaf is the int32
+  ``[Nb, T]`` of their K-block indices; ``kernels.compact_matmul`` reads the blocks as they
+  are and returns their gradient in the same shape (``sparse_gpt/model/compact.py``).
 
 A model applied without a ``masks`` collection (or a layer without a mask leaf) is dense.
 
@@ -78,8 +83,11 @@ class SparseDense(nn.Module):
       block_tiers: budget tiers (densities, ascending, the last ``block_density``) for a
         density that changes during training; the call's ``tier`` picks one.
       kernel_backend: backend of kernels.block_sparse_matmul ("auto", "xla", ...).
+      slots: compact storage: live blocks per output block column (T); 0 stores the kernel
+        dense ([K, N] and a [K, N] mask).
       kernel_axes: logical axis names of the [K, N] kernel (and of its mask; the bias gets
-        the N name).
+        the N name). A compact kernel's blocks (and indices) split like its columns: N's
+        name on the Nb axis.
       in_features: K; None takes it from the input (must be set when ``in_index`` slices
         the input).
     """
@@ -92,6 +100,7 @@ class SparseDense(nn.Module):
     block_size: int = 128
     block_density: float = 1.0
     block_tiers: tuple[float, ...] = ()
+    slots: int = 0
     kernel_backend: str = "auto"
     kernel_axes: tuple[str | None, str | None] = (None, None)
 
@@ -114,6 +123,11 @@ class SparseDense(nn.Module):
           tier: traced index into ``block_tiers`` (``gpt.kernel_tier`` of the masks): the
             block budget of this call, one ``lax.switch`` branch per tier; None: the top.
         """
+        if self.slots:
+            if in_index is not None or out_index is not None:
+                raise ValueError("SAT's neuron omission slices dense kernels; it needs "
+                                 "--config.model.sparse_storage=dense.")
+            return self._compact(x_xK, frozen)
         k_in = self.in_features or x_xK.shape[-1]
         kernel_KxN = self.param("kernel", logical_init(self.kernel_init, self.kernel_axes),
                                 (k_in, self.features), self.param_dtype)
@@ -161,6 +175,44 @@ class SparseDense(nn.Module):
                 bias_N = bias_N[out_index]
             y_MxN = y_MxN + bias_N.astype(self.dtype)
         return y_MxN.reshape(*lead, y_MxN.shape[-1])
+
+
+    def _compact(self, x_xK: jax.Array, frozen: tuple | None) -> jax.Array:
+        """The product of a compact kernel: blocks ``[Nb, T, B, B]``, indices ``[Nb, T]``."""
+        import kernels  # local import: the model works without the kernels package loaded
+
+        b, t, n = self.block_size, self.slots, self.features
+        nb = n // b
+        axes = (self.kernel_axes[1], None, None, None)
+        blocks_NbxTxBxB = self.param("kernel", logical_init(self.kernel_init, axes),
+                                     (nb, t, b, b), self.param_dtype)
+        first = logical_init(lambda: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (nb, t)),
+                             axes[:2])  # shapes only: init_state builds the real indices
+        if not (self.is_initializing() or self.has_variable("masks", "kernel")):
+            raise ValueError("A compact kernel (model.sparse_storage=compact) needs its block "
+                             "indices: apply the model with its masks collection, or densify "
+                             "the params first (sparse_gpt.model.compact.densify).")
+        kidx_NbxT = self.variable("masks", "kernel", first).value
+        lead = x_xK.shape[:-1]
+        x_MxK = x_xK.astype(self.dtype).reshape(-1, x_xK.shape[-1])
+        blocks_NbxTxBxB = blocks_NbxTxBxB.astype(self.dtype)
+        backend = self.kernel_backend
+
+        if frozen is not None:
+            def at(meta):
+                return lambda x, w: kernels.compact_matmul(x, w, meta, backend=backend)
+            y_MxN = _switched(at, frozen[0], frozen[1], (x_MxK, blocks_NbxTxBxB), (True, False))
+        else:
+            def product(_):
+                return lambda x, w, i: kernels.compact_matmul(x, w, i, backend=backend)
+            y_MxN = _switched(product, (None,), None, (x_MxK, blocks_NbxTxBxB, kidx_NbxT),
+                              (True, False, False))
+        if self.use_bias:
+            bias_N = self.param("bias", logical_init(nn.initializers.zeros,
+                                                     self.kernel_axes[1:]),
+                                (n,), self.param_dtype)
+            y_MxN = y_MxN + bias_N.astype(self.dtype)
+        return y_MxN.reshape(*lead, n)
 
 
 def _take(w_KxN: jax.Array, rows: jax.Array | None, cols: jax.Array | None) -> jax.Array:

@@ -33,22 +33,39 @@ class Topology:
     kernels: tuple[tuple[str, tuple[Any, ...]], ...]
 
     @classmethod
-    def of(cls, masks: Mapping, block_size: int) -> "Topology":
+    def of(cls, masks: Mapping, block_size: int,
+           kernel_shapes: Mapping[str, tuple[int, ...]] | None = None) -> "Topology":
         """The topology of a (host) mask tree whose stacked kernels are ``[layers, K, N]``.
 
         Args:
           masks: the ``masks`` collection (numpy or fully addressable arrays).
           block_size: the block edge of the kernels.
+          kernel_shapes: ``ModelConfig.kernel_shapes()``; needed for compact index leaves
+            (``model/compact.py``), whose slots must be in ascending K-block order (as a
+            fixed topology's are: the frozen kernels take the blocks in that order).
 
         Raises:
           ValueError: a mask that is not made of whole ``block_size`` blocks (the kernels
-            multiply whole blocks; a partial block would be multiplied whole).
+            multiply whole blocks; a partial block would be multiplied whole), or compact
+            slots out of order.
         """
         import kernels  # local import: the model works without the kernels package loaded
-        from sparse_gpt.model import gpt
+        from sparse_gpt.model import compact, gpt
 
         out = []
         for path, mask in sorted(gpt.kernel_leaves(masks).items()):
+            if compact.is_compact(mask):
+                kidx_LxNbxT = np.asarray(mask)
+                if np.any(np.diff(kidx_LxNbxT, axis=-1) <= 0):
+                    raise ValueError(f"{path}: compact slots are not in ascending K-block "
+                                     "order; a frozen topology needs them sorted (as init "
+                                     "and to_compact make them).")
+                kb = kernel_shapes[path][1] // block_size
+                metas = tuple(kernels.make_block_meta(
+                    np.asarray(kernels.index_block_mask(k, kb)), block_size, block_mask=True,
+                    frozen=True) for k in kidx_LxNbxT)
+                out.append((path.removeprefix("blocks/").removesuffix("/kernel"), metas))
+                continue
             m_LxKxN = np.asarray(mask) != 0
             pooled_any = kernels.pool_blocks(m_LxKxN, (block_size, block_size), "any")
             if not np.array_equal(pooled_any, kernels.pool_blocks(m_LxKxN, (block_size,) * 2,

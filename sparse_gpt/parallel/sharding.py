@@ -214,11 +214,17 @@ def _shape_name(a) -> str:
 
 
 def _like_params(masks: PyTree, params: PyTree) -> PyTree:
-    """The param sharding at each mask's path (masks mirror a subset of params)."""
+    """The param sharding at each mask's path (masks mirror a subset of params).
+
+    A compact kernel's index mask ``[L, Nb, T]`` is the leading part of its blocks
+    ``[L, Nb, T, B, B]`` and takes the leading part of their sharding.
+    """
     if masks is None:
         return None
     if isinstance(masks, dict):
         return {k: _like_params(v, params[k]) for k, v in masks.items()}
+    if len(masks.shape) < len(params.spec) and isinstance(params, NamedSharding):
+        return NamedSharding(params.mesh, P(*tuple(params.spec)[:len(masks.shape)]))
     return params
 
 

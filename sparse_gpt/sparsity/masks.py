@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.common import expand_blocks, pool_blocks
-from sparse_gpt.model import gpt
+from sparse_gpt.model import compact, gpt
 
 Tree = Any
 STRUCTURES = ("unstructured", "block", "nm")
@@ -139,12 +139,18 @@ def replace(tree: Tree, flat: Mapping[str, Any]) -> Tree:
 
 
 def apply_masks(params: Tree, masks: Tree) -> Tree:
-    """Zeroes masked-out weights on masked leaves; other leaves and the tree type unchanged."""
+    """Zeroes masked-out weights on masked leaves; other leaves and the tree type unchanged.
+
+    A compact kernel's leaf (an index mask, ``model/compact.py``) holds live blocks only and
+    is returned as it is.
+    """
     flat_m = flatten(masks)
 
     def one(path, x):
         m = flat_m.get(key_path_str(path))
-        return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
+        if m is None or compact.is_compact(m):
+            return x
+        return jnp.where(m, x, jnp.zeros((), x.dtype))
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -257,6 +263,8 @@ def all_live(masks: Tree) -> jax.Array:
     ``train_lib.dense_when_all_live``): a block-sparse kernel's block budget holds only the
     sparse density.
     """
+    if any(compact.is_compact(m) for m in flatten(masks).values()):
+        return jnp.zeros((), jnp.bool_)   # compact storage holds a sparse budget only
     leaves = [jnp.all(m) for m in flatten(masks).values()]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), jnp.bool_)
 

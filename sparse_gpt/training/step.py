@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from sparse_gpt import flops as flops_lib
+from sparse_gpt.model import compact
 from sparse_gpt.model import gpt as model_lib
 from sparse_gpt.model.context import StepContext
 from sparse_gpt.sparsity import masks as masks_lib
@@ -69,9 +70,13 @@ def init_state(plan, model: nn.Module, tx: optax.GradientTransformation, method:
     """Initialises params, the method's first masks and state, and the optimizer state."""
     init_rng, mask_rng, step_rng = jax.random.split(rng, 3)
     tokens = jnp.zeros((1, plan.seq_len), jnp.int32)
-    variables = model.init(init_rng, tokens)
+    # A compact model starts as its dense layout does (same seed, same weights and masks),
+    # then keeps only the live blocks.
+    variables = model_lib.GPT(model.cfg.dense_layout()).init(init_rng, tokens)
     masks = method.init_masks(variables["params"], variables["masks"], mask_rng)
     params = masks_lib.apply_masks(variables["params"], masks)
+    if model.cfg.compact_slots:
+        params, masks = compact.to_compact(model.cfg, params, masks)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
                       opt_state=tx.init(params), rng=jax.random.key_data(step_rng),
                       bad_step=jnp.full((), -1, jnp.int32), flops=jnp.zeros((), jnp.float32),
@@ -169,7 +174,7 @@ def frozen_topology(model: nn.Module, fixed_masks: PyTree | None):
     if fixed_masks is None or model.cfg.matmul != "block_sparse":
         return None
     from sparse_gpt.model.topology import Topology
-    return Topology.of(fixed_masks, model.cfg.block_size)
+    return Topology.of(fixed_masks, model.cfg.block_size, model.cfg.kernel_shapes())
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: Any,
@@ -262,7 +267,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         new = new.replace(step=state.step + 1, bad_step=jnp.where(
             finite | (state.bad_step >= 0), state.bad_step, state.step))
         metrics = {"loss": loss, "grad_norm": grad_norm, "dense_flops": step_flops["dense"],
-                   "density": flops_lib.density(state.masks if counted is None else counted)}
+                   "density": flops_lib.density(state.masks if counted is None else counted,
+                                               model.cfg)}
         for modifier in (attention, sat):
             if modifier is not None:
                 metrics.update(modifier.metrics(state.step))

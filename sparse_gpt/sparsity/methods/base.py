@@ -109,6 +109,14 @@ class SparsityMethod:
         units = {p: s.structure.units(shapes[p]) for p in shapes}
         return max(masks_lib.n_keep(dens[p], units[p]) / units[p] for p in shapes)
 
+    def column_slots(self, shapes: Shapes) -> dict[str, int]:
+        """path -> live blocks per output block column of each sparse kernel at the target
+        ``density`` (column-balanced blocks): the slots T of its compact storage."""
+        s = self.settings
+        dens = masks_lib.layer_densities(shapes, s.density, s.distribution, s.explicit)
+        return {p: int(masks_lib.n_keep(dens[p], s.structure.units(shapes[p])))
+                for p in shapes}
+
     def kernel_tiers(self, shapes: Shapes) -> tuple[float, ...]:
         """Block budgets (densities, ascending) a block-sparse model switches between.
 

@@ -1,0 +1,150 @@
+"""Compact storage of block-sparse kernels: only the live blocks (``model.sparse_storage``).
+
+A column-balanced block-sparse kernel keeps the same number T of live ``B x B`` blocks in
+each of its Nb output block columns, so its live blocks fit a dense array of static shape.
+Stored compact (``model.sparse_storage=compact``), each such kernel of the stacked decoder
+blocks is, at the same tree paths as the dense layout:
+
+    params .../kernel  [L, Nb, T, B, B]   block [l, j, t] = W_l[i*B:(i+1)*B, j*B:(j+1)*B]
+    masks  .../kernel  [L, Nb, T] int32    i = kidx[l, j, t], distinct within a column
+
+so the mask tree *is* the index tree (4 bytes per block against a byte per weight), and
+everything that mirrors params (gradients, Adam's moments, checkpoints) holds live blocks
+only. Slots start in ascending K-block order; a dynamic method replaces a dropped block's
+slot in place, with a zero block and fresh moments. ``SparseDense`` multiplies the blocks
+as they are (``kernels.compact_matmul``), with the gradient in the same shape.
+
+This module converts between the layouts, tree by tree: :func:`to_compact` (a dense-layout
+state's params and masks, as ``init_state`` builds them), :func:`densify` (the dense view:
+analysis, export, the masked oracle, a dense phase) and :func:`densify_like` for any tree
+that mirrors params (optimizer moments). Kernels not stored compact pass through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Tree = Any
+
+
+def is_compact(mask: Any) -> bool:
+    """Whether a mask leaf is a compact index leaf (integer) rather than a bool mask."""
+    return mask is not None and jnp.issubdtype(mask.dtype, jnp.integer)
+
+
+def compact_paths(cfg) -> dict[str, int]:
+    """``{params path: T}`` of the kernels ``cfg`` stores compact."""
+    return {f"blocks/{key}/kernel": t for key, t in cfg.compact_slots}
+
+
+def _get(tree: Tree, path: str):
+    node = tree
+    for key in path.split("/"):
+        node = node[key]
+    return node
+
+
+def _set(tree: Tree, path: str, value) -> Tree:
+    """A copy of nested dict ``tree`` with the leaf at ``path`` replaced."""
+    key, _, rest = path.partition("/")
+    out = dict(tree)
+    out[key] = _set(tree[key], rest, value) if rest else value
+    return out
+
+
+def _per_layer(fn, *args):
+    return jax.vmap(fn)(*args)
+
+
+def to_compact(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
+    """``(params, masks)`` of the dense layout -> the compact layout of ``cfg``.
+
+    Args:
+      cfg: the compact ``ModelConfig`` (its ``compact_slots``, ``block_size``).
+      params: dense-layout params (masked weights may be anything: only live blocks move).
+      masks: their bool masks, column-balanced with exactly T live blocks per output block
+        column of each compact kernel.
+
+    Returns:
+      Compact params (live blocks in ascending K-block order) and index masks.
+
+    Raises:
+      ValueError: (concrete masks) a column whose live-block count is not T.
+    """
+    import kernels  # local import: the model works without the kernels package loaded
+
+    b = cfg.block_size
+    for path, t in compact_paths(cfg).items():
+        w_LxKxN, m_LxKxN = _get(params, path), _get(masks, path)
+        pooled_LxKbxNb = kernels.pool_blocks(m_LxKxN, (b, b), "any")
+        # One layer at a time: a concrete mask's column counts are checked per layer.
+        kidx_LxNbxT = jnp.stack([kernels.compact_index(pooled_LxKbxNb[i], t)
+                                 for i in range(pooled_LxKbxNb.shape[0])])
+        blocks = _per_layer(lambda w, i: kernels.gather_blocks(w, i, b), w_LxKxN, kidx_LxNbxT)
+        params, masks = _set(params, path, blocks), _set(masks, path, kidx_LxNbxT)
+    return params, masks
+
+
+def block_masks(cfg, masks: Tree) -> dict[str, jax.Array]:
+    """``{path: [L, Kb, Nb] bool}`` block masks of the compact kernels' index leaves."""
+    import kernels
+
+    out = {}
+    for path, (_, k, _) in cfg.kernel_shapes().items():
+        if path in compact_paths(cfg):
+            kidx = _get(masks, path)
+            out[path] = _per_layer(
+                lambda i: kernels.index_block_mask(i, k // cfg.block_size), kidx)
+    return out
+
+
+def densify(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
+    """The dense view: ``(params, masks)`` of the dense layout (zeros outside live blocks).
+
+    The exact inverse of :func:`to_compact` on live blocks; what ``eval`` of another
+    layout, export and the masked oracle read.
+    """
+    import kernels
+
+    b = cfg.block_size
+    shapes = cfg.kernel_shapes()
+    for path in compact_paths(cfg):
+        kidx = _get(masks, path)
+        _, k, _ = shapes[path]
+        w = _per_layer(lambda x, i: kernels.densify_blocks(x, i, k), _get(params, path), kidx)
+        m = kernels.expand_blocks(block_masks(cfg, masks)[path], (b, b))
+        params, masks = _set(params, path, w), _set(masks, path, m)
+    return params, masks
+
+
+def densify_like(cfg, tree: Tree, masks: Tree) -> Tree:
+    """Any tree whose leaves mirror params (optimizer moments, gradients) in the dense view.
+
+    A leaf is densified when its key path ends with a compact kernel's path and it has the
+    blocks' shape (as ``regrow.reset_moments`` finds moments); everything else is kept.
+    """
+    import kernels
+
+    paths = compact_paths(cfg)
+    shapes = cfg.kernel_shapes()
+
+    def one(key_path, x):
+        keys = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", ""))))
+                        for k in key_path)
+        for path in paths:
+            kidx = _get(masks, path)
+            if keys.endswith(path) and getattr(x, "shape", None) == (
+                    *kidx.shape, cfg.block_size, cfg.block_size):
+                k = shapes[path][1]
+                return _per_layer(lambda w, i: kernels.densify_blocks(w, i, k), x, kidx)
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def live_weights(cfg, kidx: Any) -> float:
+    """Live weights of a compact index leaf: its slots times ``B * B``."""
+    return float(kidx.size) * cfg.block_size ** 2
