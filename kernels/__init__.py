@@ -9,7 +9,7 @@ Public API::
     y_ref = kernels.reference_matmul(x, w, meta)                        # dense oracle
     kidx = kernels.compact_index(block_mask_KbxNb, T)                  # compact layout
     blocks = kernels.gather_blocks(w, kidx, block_size)                # [Nb, T, B, B]
-    cmeta = kernels.make_compact_meta(kidx, block_size, K)
+    y = kernels.compact_matmul(x, blocks, kidx, backend="auto")      # grads: dx, dblocks
     kernels.available_backends()
     kernels.register_backend("mine", kernels.MatmulBackend(matmul, matmul_t, sddmm))
 
@@ -63,9 +63,11 @@ from kernels.bsmm.meta import (
 )
 from kernels.bsmm.ops import (
     BACKENDS,
+    CompactBackend,
     MatmulBackend,
     available_backends,
     block_sparse_matmul,
+    compact_matmul,
     register_backend,
     resolve_backend,
     unregister_backend,
@@ -80,6 +82,7 @@ __all__ = [
     "BACKENDS",
     "BlockBudget",
     "BlockMeta",
+    "CompactBackend",
     "CompactMeta",
     "FrozenBlockMeta",
     "MatmulBackend",
@@ -91,6 +94,7 @@ __all__ = [
     "check_block_size",
     "column_topk_block_mask",
     "compact_index",
+    "compact_matmul",
     "densify_blocks",
     "element_mask",
     "expand_block_mask",

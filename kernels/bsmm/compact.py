@@ -54,24 +54,30 @@ def compact_index(block_mask_KbxNb, slots: int) -> jax.Array:
       ValueError: a concrete mask with a column whose count is not ``slots``, or ``slots``
         outside ``[1, Kb]``.
     """
-    kb, nb = block_mask_KbxNb.shape
+    kb = block_mask_KbxNb.shape[0]
     if not 1 <= slots <= kb:
         raise ValueError(f"slots={slots} must be in [1, Kb={kb}] (live K-blocks per column).")
     if _is_concrete(block_mask_KbxNb):
-        m = np.asarray(block_mask_KbxNb) != 0
-        counts = m.sum(0)
-        bad = np.nonzero(counts != slots)[0]
-        if bad.size:
-            j = int(bad[0])
-            raise ValueError(
-                f"the compact layout needs exactly {slots} live blocks in every output block "
-                f"column, but column {j} of the {kb}x{nb} block mask has {int(counts[j])} "
-                f"({bad.size} columns differ): use column-balanced masks "
-                "(sparsity.block_balance=column, or kernels.column_topk_block_mask), or "
-                "sparse_storage=dense."
-            )
-        return jnp.asarray(np.nonzero(m.T)[1].reshape(nb, slots).astype(np.int32))
+        # numpy, then one constant: inside a jit trace jnp ops on constants return tracers.
+        return jnp.asarray(_ascending(np.asarray(block_mask_KbxNb) != 0, slots))
     return _first_live(block_mask_KbxNb != 0, slots)
+
+
+def _ascending(m: np.ndarray, slots: int) -> np.ndarray:
+    """``compact_index`` of a numpy mask, as numpy (raises for an unbalanced column)."""
+    kb, nb = m.shape
+    counts = m.sum(0)
+    bad = np.nonzero(counts != slots)[0]
+    if bad.size:
+        j = int(bad[0])
+        raise ValueError(
+            f"the compact layout needs exactly {slots} live blocks in every output block "
+            f"column, but column {j} of the {kb}x{nb} block mask has {int(counts[j])} "
+            f"({bad.size} columns differ): use column-balanced masks "
+            "(sparsity.block_balance=column, or kernels.column_topk_block_mask), or "
+            "sparse_storage=dense."
+        )
+    return np.nonzero(m.T)[1].reshape(nb, slots).astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -185,13 +191,13 @@ def frozen_index(fmeta: FrozenBlockMeta) -> np.ndarray:
     """
     m = fmeta.numpy()
     counts = m.sum(0)
-    return np.asarray(compact_index(m, max(int(counts.max(initial=0)), 1)))
+    return _ascending(m, max(int(counts.max(initial=0)), 1))
 
 
-def _check_index(kidx: np.ndarray, kb: int) -> None:
+def _check_index(kidx: np.ndarray, kb: int, b: int) -> None:
     if kidx.size and (kidx.min() < 0 or kidx.max() >= kb):
-        raise ValueError(f"slot index has K-blocks outside [0, Kb={kb}): min {kidx.min()}, "
-                         f"max {kidx.max()}.")
+        raise ValueError(f"slot index has K-blocks outside [0, Kb={kb}) (K={kb * b}, B={b}): "
+                         f"min {kidx.min()}, max {kidx.max()}; build it for this weight's K.")
     s = np.sort(kidx, axis=1)
     dup = np.nonzero((s[:, 1:] == s[:, :-1]).any(1))[0]
     if dup.size:
@@ -240,7 +246,7 @@ def make_compact_meta(
         raise ValueError(f"row_budget={r} must be in [1, Nb={nb}].")
     if _is_concrete(index):
         kidx = np.asarray(index).astype(np.int32)
-        _check_index(kidx, kb)
+        _check_index(kidx, kb, block_size)
         worst = np.bincount(kidx.reshape(-1), minlength=kb).max(initial=0)
         if worst > r:
             raise ValueError(f"a K-block row has {worst} slots, over row_budget={r}: use the "

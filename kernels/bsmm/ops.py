@@ -16,6 +16,11 @@ for all of them, including the Pallas kernels (``pallas_call`` has no JVP rule).
 may add ``frozen``, a second ``MatmulBackend`` for ``FrozenBlockMeta`` (masks known at trace
 time); without it frozen metadata is converted to traced metadata.
 
+``compact_matmul`` is the same op for the compact layout (kernels/bsmm/compact.py: the live
+blocks ``[Nb, T, B, B]`` and their slot index): a backend's optional ``compact`` field is a
+``CompactBackend`` of the three products on that layout (``f(a, b, cmeta, out_dtype)`` with
+a ``CompactMeta``; dW comes out as ``[Nb, T, B, B]``), wired through the same custom VJP.
+
 Built-in backends: ``"pallas_gpu"`` (Triton), ``"pallas_tpu"`` (Mosaic, scalar prefetch),
 ``"xla"`` (gathers of the non-zero blocks, static slices for frozen metadata; the CPU
 default) and ``"reference"`` (the dense masked oracle). ``"auto"`` picks by platform
@@ -33,8 +38,28 @@ import jax
 import jax.numpy as jnp
 
 from kernels.bsmm import pallas_gpu, pallas_tpu, reference, xla
+from kernels.bsmm.compact import CompactMeta, make_compact_meta
 from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta, check_divisible
 from kernels.common import Registry, bind_interpret, check_block_size
+
+
+class CompactBackend(NamedTuple):
+    """A backend's products for the compact layout (kernels/bsmm/compact.py).
+
+    Attributes:
+      matmul: ``(x_MxK, blocks_NbxTxBxB, cmeta, out_dtype) -> y_MxN``.
+      matmul_t: ``(dy_MxN, blocks_NbxTxBxB, cmeta, out_dtype) -> dx_MxK``.
+      sddmm: ``(x_MxK, dy_MxN, cmeta, out_dtype) -> dblocks_NbxTxBxB``.
+      takes_interpret: the three take an ``interpret=`` keyword (Pallas backends).
+      frozen: optional products taking a ``FrozenBlockMeta`` in place of ``cmeta``; ``None``
+        converts it with ``make_compact_meta``.
+    """
+
+    matmul: Callable
+    matmul_t: Callable
+    sddmm: Callable
+    takes_interpret: bool = False
+    frozen: Optional["CompactBackend"] = None
 
 
 class MatmulBackend(NamedTuple):
@@ -47,6 +72,8 @@ class MatmulBackend(NamedTuple):
         outside the metadata's blocks.
       takes_interpret: the three take an ``interpret=`` keyword (Pallas backends).
       frozen: optional products for ``FrozenBlockMeta``; ``None`` converts it to traced.
+      compact: optional ``CompactBackend`` for ``compact_matmul``; ``None``: that backend
+        cannot run the compact layout.
     """
 
     matmul: Callable
@@ -54,6 +81,7 @@ class MatmulBackend(NamedTuple):
     sddmm: Callable
     takes_interpret: bool = False
     frozen: Optional["MatmulBackend"] = None
+    compact: Optional[CompactBackend] = None
 
 
 _REGISTRY = Registry(
@@ -65,14 +93,23 @@ _REGISTRY = Registry(
 )
 
 
+def _compact_of(mod, prefix: str = "compact_", **kw) -> CompactBackend | None:
+    # Detected, not required: a backend file gains its compact products when they land.
+    fns = [getattr(mod, prefix + p, None) for p in ("matmul", "matmul_t", "sddmm")]
+    return CompactBackend(*fns, **kw) if all(fns) else None
+
+
 def _of(mod, **kw) -> MatmulBackend:
-    return MatmulBackend(mod.matmul, mod.matmul_t, mod.sddmm, **kw)
+    compact = _compact_of(mod, takes_interpret=kw.get("takes_interpret", False))
+    return MatmulBackend(mod.matmul, mod.matmul_t, mod.sddmm, compact=compact, **kw)
 
 
 _XLA_FROZEN = MatmulBackend(xla.frozen_matmul, xla.frozen_matmul_t, xla.frozen_sddmm)
+_XLA = _of(xla, frozen=_XLA_FROZEN)
+_XLA = _XLA._replace(compact=_XLA.compact._replace(frozen=_compact_of(xla, "frozen_compact_")))
 _REGISTRY.register("pallas_gpu", _of(pallas_gpu, takes_interpret=True), builtin=True)
 _REGISTRY.register("pallas_tpu", _of(pallas_tpu, takes_interpret=True), builtin=True)
-_REGISTRY.register("xla", _of(xla, frozen=_XLA_FROZEN), builtin=True)
+_REGISTRY.register("xla", _XLA, builtin=True)
 _REGISTRY.register("reference", _of(reference), builtin=True)
 BACKENDS = _REGISTRY.names()  # the built-in names
 
@@ -207,3 +244,99 @@ def block_sparse_matmul(
             meta = meta.to_traced()
     y_MxN = _bsmm(x_MxK, w_KxN, meta, impl, interpret)
     return y_MxN.reshape(*lead, n)
+
+
+def _compact_index(index, nb: int, t: int, b: int, k: int):
+    """Checks ``index`` against the blocks and x; returns CompactMeta or FrozenBlockMeta."""
+    fix = f"build it for blocks [Nb={nb}, T={t}, B={b}, B] and K={k}"
+    if isinstance(index, FrozenBlockMeta):
+        if index.block_size != b or tuple(index.shape) != (k, nb * b):
+            raise ValueError(f"the FrozenBlockMeta is for shape {index.shape}, block_size "
+                             f"{index.block_size}, but x and the blocks give ({k}, {nb * b}) "
+                             f"and B={b}: {fix}.")
+        counts = index.numpy().sum(0)
+        if (counts != t).any():
+            j = int((counts != t).argmax())
+            raise ValueError(f"the FrozenBlockMeta's column {j} has {int(counts[j])} live "
+                             f"blocks but the blocks hold T={t} per column: the compact layout "
+                             "needs a column-balanced mask (sparsity.block_balance=column).")
+        return index
+    if isinstance(index, CompactMeta):
+        if (index.block_size, tuple(index.shape), index.kidx_NbxT.shape) != (b, (k, nb * b),
+                                                                            (nb, t)):
+            raise ValueError(f"the CompactMeta is for shape {index.shape}, block_size "
+                             f"{index.block_size}, kidx {index.kidx_NbxT.shape}: {fix}.")
+        return index
+    shape = tuple(getattr(index, "shape", ()))
+    if shape != (nb, t) or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"kidx has shape {shape} and dtype {getattr(index, 'dtype', None)} "
+                         f"but the blocks need an int32 [Nb, T] = [{nb}, {t}] slot index "
+                         "(kernels.compact_index(block_mask, T)).")
+    return make_compact_meta(index, b, k)
+
+
+def compact_matmul(
+    x: jax.Array,
+    blocks_NbxTxBxB: jax.Array,
+    index,
+    *,
+    backend: str = "auto",
+    interpret=False,
+) -> jax.Array:
+    """``x @ W`` for a compact column-balanced weight (kernels/bsmm/compact.py).
+
+    ``W[kidx[j, t]*B : +B, j*B : +B] = blocks[j, t]``, zeros elsewhere. Differentiable in
+    ``x`` and ``blocks`` (custom VJP): dX = dY @ W^T and dblocks ``[Nb, T, B, B]`` in the
+    compact layout (no dense dW is built). Dtypes as ``block_sparse_matmul``: inputs promoted
+    to a common dtype, fp32 accumulation, gradients in the inputs' dtypes.
+
+    Args:
+      x: ``[..., K]`` activations; leading dims are flattened into M.
+      blocks_NbxTxBxB: the live blocks; T per output block column, every slot live.
+      index: the slot index, ``int32 [Nb, T]`` (traced: topology changes never recompile), a
+        ``CompactMeta`` (``make_compact_meta``) or a ``FrozenBlockMeta`` of a column-balanced
+        mask whose slots are its ascending live K-blocks (static slices on xla).
+      backend: as ``block_sparse_matmul``; it must have compact products (``xla``,
+        ``reference``, and the Pallas backends once theirs are registered).
+      interpret: run Pallas kernels in interpret mode (needed on CPU).
+
+    Returns:
+      ``[..., N]`` array, ``N = Nb * B``.
+
+    Raises:
+      ValueError: shapes that disagree (blocks not ``[Nb, T, B, B]``, K not a multiple of B,
+        T > K/B, an index for other shapes, an unbalanced frozen mask), or a backend without
+        compact products.
+    """
+    if blocks_NbxTxBxB.ndim != 4 or blocks_NbxTxBxB.shape[2] != blocks_NbxTxBxB.shape[3]:
+        raise ValueError(f"blocks must be [Nb, T, B, B]; got shape {blocks_NbxTxBxB.shape} "
+                         "(kernels.gather_blocks(w, kidx, block_size) builds them).")
+    nb, t, b, _ = blocks_NbxTxBxB.shape
+    check_block_size(b)
+    k = x.shape[-1]
+    if k % b or t > k // b:
+        raise ValueError(f"x has K={k} features (shape {x.shape}), which must be a multiple of "
+                         f"the block size {b} with at least T={t} K-blocks: pad x's features "
+                         "or rebuild the blocks for this K.")
+    meta = _compact_index(index, nb, t, b, k)
+    name = resolve_backend(backend)
+    impl = _REGISTRY.get(name).compact
+    if impl is None:
+        raise ValueError(f"backend {name!r} has no compact products (compact_matmul, "
+                         "compact_matmul_t, compact_sddmm): use sparse_storage=dense "
+                         "(block_sparse_matmul on the dense layout), another backend, or "
+                         "register one with kernels.MatmulBackend(..., compact=kernels."
+                         "CompactBackend(matmul, matmul_t, sddmm)).")
+    if isinstance(meta, FrozenBlockMeta):
+        if impl.frozen is not None:
+            impl = impl.frozen
+        else:
+            meta = make_compact_meta(meta)
+
+    dtype = jnp.result_type(x, blocks_NbxTxBxB)
+    lead = x.shape[:-1]
+    x_MxK = x.reshape(-1, k).astype(dtype)
+    if x_MxK.shape[0] == 0:
+        return jnp.zeros((*lead, nb * b), dtype)
+    y_MxN = _bsmm(x_MxK, blocks_NbxTxBxB.astype(dtype), meta, impl, interpret)
+    return y_MxN.reshape(*lead, nb * b)

@@ -4,7 +4,9 @@
 is the independent oracle for the gradients too: dX = dY @ (w * m)^T and
 dW = (x^T @ dY) * m. ``matmul``, ``matmul_t`` and ``sddmm`` are the same maths written as
 the backend interface (forward, dX, sampled dW) so ``backend="reference"`` can be selected
-through ``block_sparse_matmul`` like any other backend.
+through ``block_sparse_matmul`` like any other backend; ``compact_*`` are the same for the
+compact layout (kernels/bsmm/compact.py): densify the blocks, run the dense product, and
+gather dW back into ``[Nb, T, B, B]``.
 
 Dimension letters: x ``[M, K]``, W ``[K, N]`` (K in-features, N out-features), y and dY
 ``[M, N]``; m the block mask expanded to ``[K, N]``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.bsmm.compact import densify_blocks, gather_blocks
 from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta
 
 
@@ -55,3 +58,21 @@ def sddmm(x_MxK, dy_MxN, meta, out_dtype):
     """dW = (x^T @ dY) * m through the dense oracle (backend interface)."""
     dw = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32)
     return (dw * meta.dense_mask(jnp.float32)).astype(out_dtype)
+
+
+def compact_matmul(x_MxK, blocks_NbxTxBxB, cmeta, out_dtype):
+    """Forward from compact blocks through the dense product (compact backend interface)."""
+    w = densify_blocks(blocks_NbxTxBxB, cmeta.kidx_NbxT, cmeta.shape[0])
+    return jnp.dot(x_MxK, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def compact_matmul_t(dy_MxN, blocks_NbxTxBxB, cmeta, out_dtype):
+    """dX = dY @ W^T from compact blocks through the dense product (compact interface)."""
+    w = densify_blocks(blocks_NbxTxBxB, cmeta.kidx_NbxT, cmeta.shape[0])
+    return jnp.dot(dy_MxN, w.T, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def compact_sddmm(x_MxK, dy_MxN, cmeta, out_dtype):
+    """dblocks ``[Nb, T, B, B]``: the dense x^T @ dY gathered at the slots (compact interface)."""
+    dw = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=jnp.float32).astype(out_dtype)
+    return gather_blocks(dw, cmeta.kidx_NbxT, cmeta.block_size)

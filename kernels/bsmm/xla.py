@@ -23,6 +23,14 @@ to the dense masked products, which are faster than gathering every block (0.5x 
 
 Frozen metadata (``FrozenBlockMeta``): the mask is Python data, so the same products are
 written with static slices; columns (rows for dX) with the same K-block set share one GEMM.
+
+Compact layout (kernels/bsmm/compact.py: ``blocks_NbxTxBxB`` + ``kidx_NbxT``, every slot
+live): the column scan above is the core of both layouts. The dense layout gathers W's
+blocks into ``[Nb, T*B, B]`` (padding zeroed) and scatters dW's per-column output back into
+``[K, N]``; the compact layout hands its blocks to the same scan as a reshape (no gather of
+W) and its dblocks are the scan's per-column ``[T*B, B]`` output reshaped to
+``[Nb, T, B, B]`` (no dense dW). ``frozen_compact_*`` are the static-slice products of a
+frozen compact topology.
 """
 
 from __future__ import annotations
@@ -34,22 +42,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kernels.bsmm.compact import CompactMeta, densify_blocks, gather_blocks
 from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta
+from kernels.common import scatter_blocks
 
 _F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # dot_general dims of a @ b^T
+_TN = (((0,), (0,)), ((), ()))  # dot_general dims of a^T @ b
 
 
 def _gather_w_cols(w_KxN: jax.Array, meta: BlockMeta) -> jax.Array:
     """W's blocks in column-view order, padding zeroed: ``[Nb, T*B, B]``."""
-    b = meta.block_size
-    kb, nb = w_KxN.shape[0] // b, w_KxN.shape[1] // b
-    t = meta.col_kidx_NbxT.shape[1]
-    w_KbxBxNbxB = w_KxN.reshape(kb, b, nb, b)
-    # Advanced indices split by a slice go first: result is [Nb, T, B, B].
-    w_NbxTxBxB = w_KbxBxNbxB[meta.col_kidx_NbxT, :, jnp.arange(nb)[:, None], :]
+    b, t = meta.block_size, meta.col_kidx_NbxT.shape[1]
+    w_NbxTxBxB = gather_blocks(w_KxN, meta.col_kidx_NbxT, b)
     real_NbxT = jnp.arange(t)[None, :] < meta.col_count_Nb[:, None]
     w_NbxTxBxB = jnp.where(real_NbxT[:, :, None, None], w_NbxTxBxB, 0)
-    return w_NbxTxBxB.reshape(nb, t * b, b)
+    return w_NbxTxBxB.reshape(-1, t * b, b)
 
 
 def _full_budget(meta: BlockMeta) -> bool:
@@ -58,43 +66,35 @@ def _full_budget(meta: BlockMeta) -> bool:
     return meta.col_kidx_NbxT.shape[1] == meta.shape[0] // meta.block_size
 
 
-def matmul(x_MxK: jax.Array, w_KxN: jax.Array, meta: BlockMeta, out_dtype) -> jax.Array:
-    """Forward ``x @ W_sparse`` over the column view (backend interface)."""
-    if _full_budget(meta):
-        w_KxN = w_KxN * meta.dense_mask(w_KxN.dtype)
-        return jnp.dot(x_MxK, w_KxN, preferred_element_type=_F32).astype(out_dtype)
-    b = meta.block_size
+# The column-scan core, shared by both layouts: ``w_NbxTBxB`` holds column j's T blocks
+# stacked along K (zero blocks contribute nothing), ``kidx_NbxT`` their K-blocks.
+
+
+def _cols_matmul(x_MxK, w_NbxTBxB, kidx_NbxT, b: int, out_dtype) -> jax.Array:
+    """``y[:, j] = x[:, kidx[j]] @ w[j]``, one GEMM per output block column: ``[M, N]``."""
     m, k = x_MxK.shape
-    t = meta.col_kidx_NbxT.shape[1]
+    nb, t = kidx_NbxT.shape
     x_MxKbxB = x_MxK.reshape(m, k // b, b)
-    w_NbxTBxB = _gather_w_cols(w_KxN, meta)
 
     def column(_, kidx_w):
         kidx_T, w_TBxB = kidx_w
         x_MxTB = x_MxKbxB[:, kidx_T].reshape(m, t * b)
         return None, jnp.dot(x_MxTB, w_TBxB, preferred_element_type=_F32).astype(out_dtype)
 
-    _, y_NbxMxB = lax.scan(column, None, (meta.col_kidx_NbxT, w_NbxTBxB))
-    return y_NbxMxB.transpose(1, 0, 2).reshape(m, w_KxN.shape[1])
+    _, y_NbxMxB = lax.scan(column, None, (kidx_NbxT, w_NbxTBxB))
+    return y_NbxMxB.transpose(1, 0, 2).reshape(m, nb * b)
 
 
-def matmul_t(dy_MxN: jax.Array, w_KxN: jax.Array, meta: BlockMeta, out_dtype) -> jax.Array:
-    """dX = ``dY @ W_sparse^T`` as a scatter-add over the column view (backend interface)."""
-    if _full_budget(meta):
-        w_KxN = w_KxN * meta.dense_mask(w_KxN.dtype)
-        return jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=_F32).astype(out_dtype)
-    b = meta.block_size
-    m, nb = dy_MxN.shape[0], dy_MxN.shape[1] // b
-    t = meta.col_kidx_NbxT.shape[1]
-    w_NbxTBxB = _gather_w_cols(w_KxN, meta)
+def _cols_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -> jax.Array:
+    """``dX[:, kidx[j]] += dY[:, j] @ w[j]^T`` scatter-added over the columns: ``[M, K]``."""
+    m = dy_MxN.shape[0]
+    nb, t = kidx_NbxT.shape
 
     def column(dx_MxK, j_kidx_w):
         j, kidx_T, w_TBxB = j_kidx_w
         dy_MxB = lax.dynamic_slice_in_dim(dy_MxN, j * b, b, axis=1)
-        c_MxTB = lax.dot_general(
-            dy_MxB, w_TBxB, (((1,), (1,)), ((), ())), preferred_element_type=_F32
-        )
-        for i in range(t):  # T is static and small; padded entries add zeros
+        c_MxTB = lax.dot_general(dy_MxB, w_TBxB, _NT, preferred_element_type=_F32)
+        for i in range(t):  # T is static and small; zero blocks add zeros
             start = kidx_T[i] * b
             old = lax.dynamic_slice_in_dim(dx_MxK, start, b, axis=1)
             dx_MxK = lax.dynamic_update_slice_in_dim(
@@ -102,9 +102,45 @@ def matmul_t(dy_MxN: jax.Array, w_KxN: jax.Array, meta: BlockMeta, out_dtype) ->
             )
         return dx_MxK, None
 
-    dx0 = jnp.zeros((m, w_KxN.shape[0]), _F32)  # fp32 carry: a block gets up to Nb adds
-    dx_MxK, _ = lax.scan(column, dx0, (jnp.arange(nb), meta.col_kidx_NbxT, w_NbxTBxB))
+    dx0 = jnp.zeros((m, k), _F32)  # fp32 carry: a block gets up to Nb adds
+    dx_MxK, _ = lax.scan(column, dx0, (jnp.arange(nb), kidx_NbxT, w_NbxTBxB))
     return dx_MxK.astype(out_dtype)
+
+
+def _cols_sddmm(x_MxK, dy_MxN, kidx_NbxT, b: int, out_dtype) -> jax.Array:
+    """``x[:, kidx[j]]^T @ dY[:, j]`` per output block column: ``[Nb, T*B, B]``."""
+    m, k = x_MxK.shape
+    nb, t = kidx_NbxT.shape
+    x_MxKbxB = x_MxK.reshape(m, k // b, b)
+
+    def column(_, j_kidx):
+        j, kidx_T = j_kidx
+        x_MxTB = x_MxKbxB[:, kidx_T].reshape(m, t * b)
+        dy_MxB = lax.dynamic_slice_in_dim(dy_MxN, j * b, b, axis=1)
+        g_TBxB = lax.dot_general(x_MxTB, dy_MxB, _TN, preferred_element_type=_F32)
+        return None, g_TBxB.astype(out_dtype)
+
+    _, g_NbxTBxB = lax.scan(column, None, (jnp.arange(nb), kidx_NbxT))
+    return g_NbxTBxB
+
+
+def matmul(x_MxK: jax.Array, w_KxN: jax.Array, meta: BlockMeta, out_dtype) -> jax.Array:
+    """Forward ``x @ W_sparse`` over the column view (backend interface)."""
+    if _full_budget(meta):
+        w_KxN = w_KxN * meta.dense_mask(w_KxN.dtype)
+        return jnp.dot(x_MxK, w_KxN, preferred_element_type=_F32).astype(out_dtype)
+    w_NbxTBxB = _gather_w_cols(w_KxN, meta)
+    return _cols_matmul(x_MxK, w_NbxTBxB, meta.col_kidx_NbxT, meta.block_size, out_dtype)
+
+
+def matmul_t(dy_MxN: jax.Array, w_KxN: jax.Array, meta: BlockMeta, out_dtype) -> jax.Array:
+    """dX = ``dY @ W_sparse^T`` as a scatter-add over the column view (backend interface)."""
+    if _full_budget(meta):
+        w_KxN = w_KxN * meta.dense_mask(w_KxN.dtype)
+        return jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=_F32).astype(out_dtype)
+    w_NbxTBxB = _gather_w_cols(w_KxN, meta)
+    k = w_KxN.shape[0]
+    return _cols_matmul_t(dy_MxN, w_NbxTBxB, meta.col_kidx_NbxT, meta.block_size, k, out_dtype)
 
 
 def sddmm(x_MxK: jax.Array, dy_MxN: jax.Array, meta: BlockMeta, out_dtype) -> jax.Array:
@@ -112,32 +148,46 @@ def sddmm(x_MxK: jax.Array, dy_MxN: jax.Array, meta: BlockMeta, out_dtype) -> ja
     if _full_budget(meta):
         dw_KxN = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=_F32)
         return (dw_KxN * meta.dense_mask(_F32)).astype(out_dtype)
-    b = meta.block_size
-    m, k = x_MxK.shape
-    nb = dy_MxN.shape[1] // b
-    t = meta.col_kidx_NbxT.shape[1]
-    x_MxKbxB = x_MxK.reshape(m, k // b, b)
-    real_NbxT = jnp.arange(t)[None, :] < meta.col_count_Nb[:, None]
+    g_NbxTBxB = _cols_sddmm(x_MxK, dy_MxN, meta.col_kidx_NbxT, meta.block_size, out_dtype)
+    return scatter_blocks(g_NbxTBxB, meta, out_dtype)  # padding dropped, zeros elsewhere
 
-    def column(dw_KxN, j_kidx_real):
-        j, kidx_T, real_T = j_kidx_real
-        x_MxTB = x_MxKbxB[:, kidx_T].reshape(m, t * b)
-        dy_MxB = lax.dynamic_slice_in_dim(dy_MxN, j * b, b, axis=1)
-        g_TBxB = lax.dot_general(
-            x_MxTB, dy_MxB, (((0,), (0,)), ((), ())), preferred_element_type=_F32
-        )
-        g_TBxB = (g_TBxB * jnp.repeat(real_T, b)[:, None]).astype(out_dtype)
-        # Padding repeats the last real index (or 0 for an empty column, whose dW block must be
-        # zero anyway): writing in reverse order lets the real block land last.
-        for i in reversed(range(t)):
-            dw_KxN = lax.dynamic_update_slice(
-                dw_KxN, g_TBxB[i * b : (i + 1) * b], (kidx_T[i] * b, j * b)
-            )
-        return dw_KxN, None
 
-    dw0 = jnp.zeros((k, nb * b), out_dtype)
-    dw_KxN, _ = lax.scan(column, dw0, (jnp.arange(nb), meta.col_kidx_NbxT, real_NbxT.astype(_F32)))
-    return dw_KxN
+# ----------------------------------------------------------------------------------------
+# Compact layout, traced index: the core without any gather of W.
+
+
+def _full_slots(cmeta: CompactMeta) -> bool:
+    return cmeta.slots == cmeta.shape[0] // cmeta.block_size  # every block live: dense GEMM
+
+
+def compact_matmul(x_MxK, blocks_NbxTxBxB, cmeta: CompactMeta, out_dtype) -> jax.Array:
+    """Forward ``x @ W`` from the compact blocks (compact backend interface)."""
+    b, k = cmeta.block_size, cmeta.shape[0]
+    if _full_slots(cmeta):
+        w_KxN = densify_blocks(blocks_NbxTxBxB, cmeta.kidx_NbxT, k)
+        return jnp.dot(x_MxK, w_KxN, preferred_element_type=_F32).astype(out_dtype)
+    w_NbxTBxB = blocks_NbxTxBxB.reshape(-1, cmeta.slots * b, b)
+    return _cols_matmul(x_MxK, w_NbxTBxB, cmeta.kidx_NbxT, b, out_dtype)
+
+
+def compact_matmul_t(dy_MxN, blocks_NbxTxBxB, cmeta: CompactMeta, out_dtype) -> jax.Array:
+    """dX = ``dY @ W^T`` from the compact blocks (compact backend interface)."""
+    b, k = cmeta.block_size, cmeta.shape[0]
+    if _full_slots(cmeta):
+        w_KxN = densify_blocks(blocks_NbxTxBxB, cmeta.kidx_NbxT, k)
+        return jnp.dot(dy_MxN, w_KxN.T, preferred_element_type=_F32).astype(out_dtype)
+    w_NbxTBxB = blocks_NbxTxBxB.reshape(-1, cmeta.slots * b, b)
+    return _cols_matmul_t(dy_MxN, w_NbxTBxB, cmeta.kidx_NbxT, b, k, out_dtype)
+
+
+def compact_sddmm(x_MxK, dy_MxN, cmeta: CompactMeta, out_dtype) -> jax.Array:
+    """dblocks ``[Nb, T, B, B]``: the scan's per-column output, no dense dW (interface)."""
+    b, t = cmeta.block_size, cmeta.slots
+    if _full_slots(cmeta):
+        dw_KxN = jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=_F32).astype(out_dtype)
+        return gather_blocks(dw_KxN, cmeta.kidx_NbxT, b)
+    g_NbxTBxB = _cols_sddmm(x_MxK, dy_MxN, cmeta.kidx_NbxT, b, out_dtype)
+    return g_NbxTBxB.reshape(-1, t, b, b)
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,3 +292,72 @@ def frozen_sddmm(x_MxK, dy_MxN, fmeta: FrozenBlockMeta, out_dtype):
         ).T
         pieces.update({c: (slab, p) for p, c in enumerate(cols)})
     return _assemble(pieces, mask.shape[1], b, k, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Compact layout, frozen topology (``FrozenBlockMeta``: slots are the ascending live
+# K-blocks). Column j's slots stacked along K are the panel ``[T*B, N]``, so a column
+# group's weight is a static slice of it, and its dblocks come out in the same panel.
+
+
+def _panel(blocks_NbxTxBxB: jax.Array) -> jax.Array:
+    """``[Nb, T, B, B]`` -> ``[T*B, N]``: column j's slots stacked along K."""
+    nb, t, b, _ = blocks_NbxTxBxB.shape
+    return blocks_NbxTxBxB.transpose(1, 2, 0, 3).reshape(t * b, nb * b)
+
+
+def frozen_compact_matmul(x_MxK, blocks_NbxTxBxB, fmeta: FrozenBlockMeta, out_dtype):
+    """Forward from compact blocks with a trace-time topology: one GEMM per column group."""
+    b, mask = fmeta.block_size, fmeta.numpy()
+    p_TBxN = _panel(blocks_NbxTxBxB)
+    pieces = {}
+    for rows, cols in _grouped(mask).items():
+        out = jnp.dot(
+            _take(x_MxK, rows, b, axis=1), _take(p_TBxN, cols, b, axis=1),
+            preferred_element_type=_F32,
+        ).astype(out_dtype)
+        pieces.update({c: (out, p) for p, c in enumerate(cols)})
+    return _assemble(pieces, mask.shape[1], b, x_MxK.shape[0], out_dtype)
+
+
+def frozen_compact_matmul_t(dy_MxN, blocks_NbxTxBxB, fmeta: FrozenBlockMeta, out_dtype):
+    """dX with a trace-time topology: ``dY[:, ns] @ W[is, ns]^T`` per row group.
+
+    A row group's blocks sit in different slots of different columns, so one static
+    permutation of the (small) weight puts every group's blocks next to each other; the
+    activations are only ever sliced.
+    """
+    b, mask = fmeta.block_size, fmeta.numpy()
+    nb, t = blocks_NbxTxBxB.shape[:2]
+    slot_KbxNb = np.arange(mask.shape[1])[None, :] * t + np.cumsum(mask, axis=0) - 1
+    groups = [(ns, is_) for ns, is_ in _grouped(mask.T).items() if ns]
+    perm = [slot_KbxNb[i, j] for ns, is_ in groups for i in is_ for j in ns]
+    flat = blocks_NbxTxBxB.reshape(nb * t, b, b)
+    if perm != list(range(nb * t)):
+        flat = flat[np.asarray(perm, np.int32)]
+    pieces, off = {}, 0
+    for ns, is_ in groups:
+        size = len(is_) * len(ns)
+        w4 = flat[off : off + size].reshape(len(is_), len(ns), b, b)
+        off += size
+        w_sub = w4.transpose(0, 2, 1, 3).reshape(len(is_) * b, len(ns) * b)
+        out = lax.dot_general(
+            _take(dy_MxN, ns, b, axis=1), w_sub, _NT, preferred_element_type=_F32
+        ).astype(out_dtype)
+        pieces.update({i: (out, p) for p, i in enumerate(is_)})
+    return _assemble(pieces, mask.shape[0], b, dy_MxN.shape[0], out_dtype)
+
+
+def frozen_compact_sddmm(x_MxK, dy_MxN, fmeta: FrozenBlockMeta, out_dtype):
+    """dblocks ``[Nb, T, B, B]`` with a trace-time topology: one GEMM per column group."""
+    b, mask = fmeta.block_size, fmeta.numpy()
+    t, nb = int(mask[:, 0].sum()), mask.shape[1]
+    pieces = {}
+    for rows, cols in _grouped(mask).items():
+        g = jnp.dot(
+            _take(x_MxK, rows, b, axis=1).T, _take(dy_MxN, cols, b, axis=1),
+            preferred_element_type=_F32,
+        ).astype(out_dtype)  # [T*B, len(cols)*B], the group's slice of the panel
+        pieces.update({c: (g, p) for p, c in enumerate(cols)})
+    p_TBxN = _assemble(pieces, nb, b, t * b, out_dtype)
+    return p_TBxN.reshape(t, b, nb, b).transpose(2, 0, 1, 3)
