@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.bsmm import pallas_gpu, pallas_tpu
+from kernels.bsmm import ops, pallas_gpu, pallas_tpu
 
 # (M, K, N, B, T): T = 1 with empty K-block rows, T = Kb, and 1 < T < Kb.
 SHAPES = [(40, 96, 64, 16, 1), (24, 64, 128, 32, 2), (33, 64, 96, 16, 3)]
@@ -56,34 +56,11 @@ def _close(got, want, dtype, name):
     np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=name)
 
 
-def _local_op(x, blocks, cmeta, backend, interpret=False):  # TEMP until A's op lands
-    mod = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}[backend]
-
-    @jax.custom_vjp
-    def f(x, blocks):
-        return mod.compact_matmul(x, blocks, cmeta, x.dtype, interpret=interpret)
-
-    def fwd(x, blocks):
-        return f(x, blocks), (x, blocks)
-
-    def bwd(res, dy):
-        x, blocks = res
-        return (mod.compact_matmul_t(dy, blocks, cmeta, x.dtype, interpret=interpret),
-                mod.compact_sddmm(x, dy, cmeta, blocks.dtype, interpret=interpret))
-
-    f.defvjp(fwd, bwd)
-    return f(x, blocks)
-
-
-_op = getattr(kernels, "compact_matmul", None) or (
-    lambda x, w, cmeta, backend, interpret=False: _local_op(x, w, cmeta, backend, interpret))
-
-
 def _vjp(backend, x, blocks, dy, kidx, b, interpret=True):
     @jax.jit
     def run(x, blocks, dy, kidx):
         cmeta = kernels.make_compact_meta(kidx, b, x.shape[1])
-        f = lambda x, blocks: _op(
+        f = lambda x, blocks: kernels.compact_matmul(
             x, blocks, cmeta, backend=backend, interpret=interpret)
         y, pull = jax.vjp(f, x, blocks)
         return (y, *pull(dy))
@@ -151,9 +128,17 @@ def test_compact_pallas_lowers_for_its_platform(backend, platform):
 
     def f(x, blocks, kidx):
         cmeta = kernels.make_compact_meta(kidx, b, k)
-        loss = lambda x, w: jnp.sum(_op(x, w, cmeta, backend=backend))
+        loss = lambda x, w: jnp.sum(kernels.compact_matmul(x, w, cmeta, backend=backend))
         return jax.value_and_grad(loss, (0, 1))(x, blocks)
 
     text = jax.jit(f).trace(x, blocks, kidx).lower(lowering_platforms=(platform,)).as_text()
     call = {"cuda": "xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
     assert text.count(call) == 3  # forward, dX and dW kernels
+
+
+@pytest.mark.parametrize("mod", [pallas_gpu, pallas_tpu], ids=["pallas_gpu", "pallas_tpu"])
+def test_the_pallas_backends_register_their_compact_products(mod):
+    impl = ops._REGISTRY.get(mod.__name__.rsplit(".", 1)[1])
+    assert impl.compact is not None and impl.compact.takes_interpret
+    assert (impl.compact.matmul, impl.compact.matmul_t, impl.compact.sddmm) == (
+        mod.compact_matmul, mod.compact_matmul_t, mod.compact_sddmm)
