@@ -338,6 +338,9 @@ def _check_compact(model: ModelConfig, method) -> None:
             f"sparsity.method={method.settings.method} is dense at the start (its budget is "
             "the whole matrix, so compact storage saves nothing): use method static, set or "
             f"rigl, {fix}.")
+    if getattr(method, "grow_grad_steps", 1) > 1:
+        raise ValueError("model.sparse_storage=compact scores growth by one dense gradient "
+                         "per update: set --config.sparsity.grow_grad_steps=1, " f"{fix}.")
     if method.goes_dense:
         raise ValueError("model.sparse_storage=compact cannot hold the dense phase "
                          "(sparsity.dense_finetune_start): set it to -1, "

@@ -40,7 +40,8 @@ def compact_paths(cfg) -> dict[str, int]:
     return {f"blocks/{key}/kernel": t for key, t in cfg.compact_slots}
 
 
-def _get(tree: Tree, path: str):
+def get(tree: Tree, path: str):
+    """The leaf of nested dict ``tree`` at ``/``-joined ``path``."""
     node = tree
     for key in path.split("/"):
         node = node[key]
@@ -78,7 +79,7 @@ def to_compact(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
 
     b = cfg.block_size
     for path, t in compact_paths(cfg).items():
-        w_LxKxN, m_LxKxN = _get(params, path), _get(masks, path)
+        w_LxKxN, m_LxKxN = get(params, path), get(masks, path)
         pooled_LxKbxNb = kernels.pool_blocks(m_LxKxN, (b, b), "any")
         # One layer at a time: a concrete mask's column counts are checked per layer.
         kidx_LxNbxT = jnp.stack([kernels.compact_index(pooled_LxKbxNb[i], t)
@@ -95,7 +96,7 @@ def block_masks(cfg, masks: Tree) -> dict[str, jax.Array]:
     out = {}
     for path, (_, k, _) in cfg.kernel_shapes().items():
         if path in compact_paths(cfg):
-            kidx = _get(masks, path)
+            kidx = get(masks, path)
             out[path] = _per_layer(
                 lambda i: kernels.index_block_mask(i, k // cfg.block_size), kidx)
     return out
@@ -111,13 +112,27 @@ def densify(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
 
     b = cfg.block_size
     shapes = cfg.kernel_shapes()
+    pooled = block_masks(cfg, masks)
     for path in compact_paths(cfg):
-        kidx = _get(masks, path)
+        kidx = get(masks, path)
         _, k, _ = shapes[path]
-        w = _per_layer(lambda x, i: kernels.densify_blocks(x, i, k), _get(params, path), kidx)
-        m = kernels.expand_blocks(block_masks(cfg, masks)[path], (b, b))
+        w = _per_layer(lambda x, i: kernels.densify_blocks(x, i, k), get(params, path), kidx)
+        m = kernels.expand_blocks(pooled[path], (b, b))
         params, masks = _set(params, path, w), _set(masks, path, m)
     return params, masks
+
+
+def gather(cfg, tree: Tree, masks: Tree) -> Tree:
+    """A dense-layout tree that mirrors params (a dense gradient) -> its live blocks at the
+    compact kernels' paths (the compact layout of the same values); other leaves kept."""
+    import kernels
+
+    b = cfg.block_size
+    for path in compact_paths(cfg):
+        leaf = _per_layer(lambda w, i: kernels.gather_blocks(w, i, b), get(tree, path),
+                          get(masks, path))
+        tree = _set(tree, path, leaf)
+    return tree
 
 
 def densify_like(cfg, tree: Tree, masks: Tree) -> Tree:
@@ -135,7 +150,7 @@ def densify_like(cfg, tree: Tree, masks: Tree) -> Tree:
         keys = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", ""))))
                         for k in key_path)
         for path in paths:
-            kidx = _get(masks, path)
+            kidx = get(masks, path)
             if keys.endswith(path) and getattr(x, "shape", None) == (
                     *kidx.shape, cfg.block_size, cfg.block_size):
                 k = shapes[path][1]

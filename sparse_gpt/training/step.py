@@ -37,6 +37,7 @@ from sparse_gpt import flops as flops_lib
 from sparse_gpt.model import compact
 from sparse_gpt.model import gpt as model_lib
 from sparse_gpt.model.context import StepContext
+from sparse_gpt.sparsity import compact_update
 from sparse_gpt.sparsity import masks as masks_lib
 from sparse_gpt.training import optim
 
@@ -219,14 +220,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         return flops_lib.step_flops(model.cfg, state.masks if counted is None else counted,
                                     batch_size, seq_len, ctx, dense_weight_grad=dense_step)
 
+    compact_cfg = model.cfg if model.cfg.compact_slots else None
+    update = method.update
+    if compact_cfg is not None and method.evolves:
+        update = compact_update.updater(compact_cfg, method)
+
     def masked_grads(state, batch, ctx, dense_step):
         loss, grads = grad_fn(state.params, model_masks(state), batch, model, forward, ctx)
-        return loss, grads, grads, flops_of(state, batch, ctx, dense_step)
+        scores = grads
+        if compact_cfg is not None and method.needs_dense_grads:  # the dense branch's shapes
+            scores = compact_update.block_scores(compact_cfg, grads, state.masks)
+        return loss, grads, scores, flops_of(state, batch, ctx, dense_step)
 
     def dense_grads(state, batch, ctx, dense_step):
         # Differentiate the dense product of the already-masked weights (no masks collection,
         # so no block-sparse path): the gradient of every entry, active or not, is what
         # RigL-style growth scores by.
+        if compact_cfg is not None:   # the dense view; grow scores are its block means
+            params, _ = compact.densify(compact_cfg, state.params, state.masks)
+            loss, dense = grad_fn(params, None, batch, model_lib.GPT(
+                compact_cfg.dense_layout()), forward, ctx)
+            return (loss, compact.gather(compact_cfg, dense, state.masks),
+                    compact_update.pooled_scores(compact_cfg, dense),
+                    flops_of(state, batch, ctx, dense_step))
         loss, dense = grad_fn(masks_lib.apply_masks(state.params, state.masks), None, batch,
                               model, forward, ctx)
         return (loss, masks_lib.apply_masks(dense, state.masks), dense,
@@ -254,7 +270,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         params = optax.apply_updates(state.params, updates)
         if method.evolves:   # stale moments of a just-dropped weight could move it
             params = masks_lib.apply_masks(params, state.masks)
-        params, masks, opt_state, sparsity_state = method.update(
+        params, masks, opt_state, sparsity_state = update(
             state.step, params, state.masks, score_grads, opt_state, update_rng,
             state.sparsity_state)
         new = state.replace(step=state.step + 1, params=params, masks=masks,
