@@ -8,9 +8,9 @@
 # Steps, each with its own timeout and log file in the output folder:
 #   preflight    jax version and devices; on a GPU run, fails (and skips the rest) if JAX
 #                does not see a GPU
-#   pallas_check benchmarks/pallas_check.py: Pallas GPU kernels (block-sparse matmul and
-#                attention) against their dense masked oracles, values and gradients, fp32
-#                and bf16 -> pallas_check.md
+#   pallas_check benchmarks/pallas_check.py: Pallas GPU kernels (block-sparse matmul, its
+#                compact-weight products and attention) against their dense masked oracles,
+#                values and gradients, fp32 and bf16 -> pallas_check.md
 #   bsmm_bench   benchmarks/block_sparse_matmul.py at M=16384 K=N=4096 B=128, densities
 #                1.0,0.25,0.125,0.1, bf16 -> block_sparse_matmul.txt
 #   step_speed   benchmarks/step_speed.py, gpt2-small dense vs sparse_pretrain 87.5%

@@ -18,6 +18,12 @@ column and an empty block row, tightest budget), in fp32 and bf16:
     big    M=16384 K=4096 N=4096 B=128   the benchmark shape, run last (a timeout keeps the
                                          report of the checks that finished)
 
+Compact weights (kernels/bsmm/compact.py): ``compact_matmul(x, blocks, kidx, backend=...)``
+with T distinct K-blocks per column in random order against the same oracle on the
+densified weight, its dW gathered to the compact ``[Nb, T, B, B]`` layout: ``y``, ``dX``,
+``dW``, in fp32 and bf16, on mid (T=4 of 16), odd (T=2 of 13) and, just before the dense
+big, big (T=8 of 32: density 0.25).
+
 Block-sparse attention: ``block_sparse_attention(..., backend=...)`` against
 ``reference_attention`` (out, dQ, dK, dV) on MST's patterns (L 2048 and 4096, head dims 64
 and 128) and a band whose first query sees no key.
@@ -34,12 +40,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import math
 import os
 import sys
-import traceback
 from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,6 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kernels  # noqa: E402
+from benchmarks._check import Check, compare, guarded, markdown, tolerance  # noqa: E402,F401
 from sparse_gpt.model.attention import Pattern  # noqa: E402
 
 _F32 = jnp.float32
@@ -62,6 +67,18 @@ class MatmulCase(NamedTuple):
     k: int
     n: int
     b: int
+
+
+class CompactCase(NamedTuple):
+    """One compact-weight shape: x ``[m, k]`` @ W ``[k, n]`` held as ``[n/b, t, b, b]`` blocks
+    (``t`` live blocks per output block column, slots unsorted)."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    b: int
+    t: int
 
 
 class AttentionCase(NamedTuple):
@@ -91,83 +108,22 @@ class Band:
 CASES = (
     MatmulCase("mid", 2048, 1024, 4096, 64),
     MatmulCase("odd", 1000, 832, 1472, 64),
+    CompactCase("mid", 2048, 1024, 4096, 64, 4),
+    CompactCase("odd", 1000, 832, 1472, 64, 2),
     AttentionCase("local_strided", 2, 2048, 4, 64, 64, Pattern("local_strided", 128, 256)),
     AttentionCase("fixed", 1, 4096, 2, 128, 128, Pattern("fixed", stride=512, summary=32)),
     AttentionCase("band", 2, 1024, 2, 64, 64, Band(1, 200)),
+    CompactCase("big", 16384, 4096, 4096, 128, 8),
     MatmulCase("big", 16384, 4096, 4096, 128),
 )
 SMOKE_CASES = (
     MatmulCase("toy", 64, 128, 128, 16),
     MatmulCase("odd", 40, 96, 160, 32),
+    CompactCase("toy", 64, 128, 128, 16, 8),
+    CompactCase("odd", 40, 96, 160, 32, 1),
     AttentionCase("band", 1, 64, 2, 16, 16, Band(1, 20)),
 )
 DENSITIES = (0.25, 0.125)
-
-
-class Check(NamedTuple):
-    """The outcome of one comparison; ``error`` holds the exception of a check that raised."""
-
-    name: str
-    shape: str
-    dtype: str
-    max_abs: float
-    max_rel: float
-    tol: float
-    error: str = ""
-
-    @property
-    def passed(self) -> bool:
-        # NaN compares False, so a NaN anywhere fails.
-        return not self.error and math.isfinite(self.max_rel) and self.max_rel <= self.tol
-
-    def fields(self) -> list[str]:
-        """name, shape, dtype, max abs, max rel, tol, PASS/FAIL (and the error, if any)."""
-        verdict = "PASS" if self.passed else "FAIL" + (f" ({self.error})" if self.error else "")
-        return [self.name, self.shape, self.dtype, f"{self.max_abs:.3e}", f"{self.max_rel:.3e}",
-                f"{self.tol:.0e}", verdict]
-
-    def line(self) -> str:
-        """The check as one printed line."""
-        f = self.fields()
-        return f"{f[0]:<40} {f[1]:<24} {f[2]:<8} abs {f[3]}  rel {f[4]}  tol {f[5]}  {f[6]}"
-
-
-def tolerance(dtype, platform: str | None = None) -> float:
-    """Tolerance on ``max |got - ref| / max |ref|`` for outputs of ``dtype`` on ``platform``."""
-    if jnp.dtype(dtype) == jnp.bfloat16:
-        return 2e-2
-    platform = platform or jax.default_backend()
-    return 5e-3 if platform == "gpu" else 1e-4  # TF32 inputs in Triton's fp32 dots
-
-
-@jax.jit
-def _errors(got, want):
-    """(max |got - want|, max |want|) as fp32 scalars, computed where the arrays live."""
-    want = want.astype(_F32)
-    return jnp.max(jnp.abs(got.astype(_F32) - want)), jnp.max(jnp.abs(want))
-
-
-def compare(name: str, shape: str, got, want, tol: float) -> Check:
-    """Compares ``got`` (dtype as computed) with the oracle ``want``.
-
-    Args:
-      name: check name, e.g. ``"bsmm/big/d0.25/dW"``.
-      shape: the problem's shape, for the report.
-      got: the backend's result.
-      want: the oracle's result (any float dtype; compared in fp32).
-      tol: tolerance on the error relative to ``max |want|`` (0 for "must be exactly zero";
-        then ``want`` should be all zeros and the relative error is the absolute one).
-
-    Returns:
-      A ``Check``; it fails when shapes differ or the relative error is above ``tol`` or NaN.
-    """
-    dtype = jnp.dtype(got.dtype).name
-    if got.shape != want.shape:
-        return Check(name, shape, dtype, math.nan, math.nan, tol,
-                     f"shape {got.shape} != reference {want.shape}")
-    err, scale = (float(v) for v in _errors(got, want))
-    rel = err / scale if scale > 0 else err
-    return Check(name, shape, dtype, err, rel, tol)
 
 
 def matmul_masks(case: MatmulCase, seed: int = 0) -> dict[str, np.ndarray]:
@@ -253,6 +209,53 @@ def check_matmul(case: MatmulCase, mask_KbxNb: np.ndarray, dtype, *, label: str 
     return checks
 
 
+@functools.partial(jax.jit, static_argnames=("b", "backend", "interpret"))
+def _compact_vjp(x, blocks, dy, kidx, *, b, backend, interpret):
+    def f(x, blocks):
+        return kernels.compact_matmul(x, blocks, kidx, backend=backend, interpret=interpret)
+
+    y, pull = jax.vjp(f, x, blocks)
+    return (y, *pull(dy))
+
+
+def check_compact(case: CompactCase, dtype, *, backend: str = "pallas_gpu", interpret=False,
+                  tol: float | None = None, seed: int = 0) -> list[Check]:
+    """y, dX and the compact dW of ``compact_matmul(backend=...)`` against the oracle.
+
+    The slot index holds ``case.t`` distinct K-blocks per column in random order; the oracle
+    is the dense masked product of the densified weight, its dW gathered to compact form.
+
+    Args:
+      case: the shape and slots per column.
+      dtype: input dtype (fp32 or bf16).
+      backend: a registered matmul backend name with compact products.
+      interpret: run Pallas kernels in interpret mode.
+      tol: tolerance; default ``tolerance(dtype)``.
+      seed: seed of the index, x, the blocks and dY.
+
+    Returns:
+      Three ``Check``s.
+    """
+    kb, nb = case.k // case.b, case.n // case.b
+    tol = tolerance(dtype) if tol is None else tol
+    rng = np.random.default_rng(seed)
+    kidx = jnp.asarray(np.argsort(rng.random((nb, kb)), axis=1)[:, :case.t], jnp.int32)
+    kx, kw, ky = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (case.m, case.k), dtype)
+    blocks = jax.random.normal(kw, (nb, case.t, case.b, case.b), _F32)
+    blocks = (blocks / math.sqrt(case.t * case.b)).astype(dtype)
+    dy = jax.random.normal(ky, (case.m, case.n), dtype)
+    got = _compact_vjp(x, blocks, dy, kidx, b=case.b, backend=backend, interpret=interpret)
+    w = kernels.densify_blocks(blocks, kidx, case.k)
+    with jax.default_matmul_precision("highest"):
+        *want, _ = _oracle_vjp(x, w, dy, kernels.index_block_mask(kidx, kb), b=case.b)
+    want[2] = kernels.gather_blocks(want[2], kidx, case.b)
+    shape = f"{case.m}x{case.k}x{case.n}/B{case.b}"
+    name = f"compact/{case.name}/T{case.t}/{case.t / kb:.3f}"
+    return [compare(f"{name}/{what}", shape, g, wt, tol)
+            for what, g, wt in zip(("y", "dX", "dW"), got, want)]
+
+
 @functools.partial(jax.jit, static_argnames=("mask_fn", "b", "backend", "interpret"))
 def _attention_vjp(q, k, v, do, *, mask_fn, b, backend, interpret):
     f = functools.partial(kernels.block_sparse_attention, mask_fn=mask_fn, block_size=b,
@@ -299,25 +302,13 @@ def check_attention(case: AttentionCase, dtype, *, backend: str = "pallas_gpu",
             for what, g, wt in zip(("out", "dQ", "dK", "dV"), got, want)]
 
 
-def _guarded(fn, name: str, shape: str, dtype) -> list[Check]:
-    """Runs one check function; an exception becomes a failed check (traceback to stderr)."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - a kernel that fails to compile is a FAIL line
-        traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        msg = f"{type(e).__name__}: {first}"
-        return [Check(name, shape, jnp.dtype(dtype).name, math.nan, math.nan,
-                      tolerance(dtype), msg)]
-
-
 def run_checks(cases, dtypes, *, backend: str = "pallas_gpu",
                attention_backend: str | None = "pallas_gpu", interpret=False,
                on_progress=None) -> list[Check]:
     """Every check of ``cases``, printing each line as it finishes.
 
     Args:
-      cases: ``MatmulCase``s and ``AttentionCase``s, run in this order.
+      cases: ``MatmulCase``s, ``CompactCase``s and ``AttentionCase``s, run in this order.
       dtypes: input dtypes, each case runs in all of them.
       backend: the matmul backend checked.
       attention_backend: the attention backend checked; ``None`` skips attention cases.
@@ -341,37 +332,27 @@ def run_checks(cases, dtypes, *, backend: str = "pallas_gpu",
             if attention_backend is None:
                 continue
             for dtype in dtypes:
-                emit(_guarded(lambda: check_attention(case, dtype, backend=attention_backend,
+                emit(guarded(lambda: check_attention(case, dtype, backend=attention_backend,
                                                       interpret=interpret),
                               f"attn/{case.name}", str(case.seq_len), dtype))
+            continue
+        if isinstance(case, CompactCase):
+            for dtype in dtypes:
+                emit(guarded(lambda: check_compact(case, dtype, backend=backend,
+                                                   interpret=interpret),
+                             f"compact/{case.name}/T{case.t}",
+                             f"{case.m}x{case.k}x{case.n}", dtype))
             continue
         masks = matmul_masks(case)
         for dtype in dtypes:
             for label, mask in masks.items():
                 budget = (kernels.block_budget(case.k, case.n, case.b, float(label[1:]))
                           if label.startswith("d") else None)
-                emit(_guarded(lambda: check_matmul(case, mask, dtype, label=label,
+                emit(guarded(lambda: check_matmul(case, mask, dtype, label=label,
                                                    backend=backend, interpret=interpret,
                                                    budget=budget),
                               f"bsmm/{case.name}/{label}", f"{case.m}x{case.k}x{case.n}", dtype))
     return checks
-
-
-def markdown(checks: list[Check], title: str) -> str:
-    """The checks as a markdown report: device, jax version, date, a table, a verdict."""
-    dev = jax.devices()[0]
-    n_fail = sum(not c.passed for c in checks)
-    rows = ["| " + " | ".join(f.replace("|", "/") for f in c.fields()) + " |" for c in checks]
-    return "\n".join([
-        f"# {title}", "",
-        f"device {dev.platform}:{dev.device_kind} (x{jax.device_count()}); jax {jax.__version__}; "
-        f"date {datetime.datetime.now().isoformat(timespec='seconds')}", "",
-        "Relative error = max |got - ref| / max |ref| (the output scale); dW-off-mask must be "
-        "exactly 0. Reference: dense masked product / dense masked attention in fp32, "
-        "`highest` precision.", "",
-        "| check | shape | dtype | max abs err | max rel err | tol | result |",
-        "|---|---|---|---|---|---|---|", *rows, "",
-        f"{len(checks) - n_fail} of {len(checks)} checks passed.", ""])
 
 
 def main(argv=None) -> int:

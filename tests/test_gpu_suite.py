@@ -2,7 +2,8 @@
 
 The check must fail for a wrong kernel, so its comparison is tested on registered stub
 backends that perturb one product (the others delegate to the dense oracle) and expect
-exactly that product's line to fail; ``gpu_suite.sh --smoke`` is then run end to end on CPU
+exactly that product's line to fail (compact weights too: a dW with its slots out of order
+must fail); ``gpu_suite.sh --smoke`` is then run end to end on CPU
 (Pallas kernels in interpret mode) and its report must say PASS on every line.
 """
 
@@ -85,6 +86,37 @@ def test_check_matmul_fails_exactly_the_wrong_product(dtype):
     assert got["stub_dense_dw"] == {**everything, "dW": False, "dW-off-mask": False}
 
 
+def _stub_compact(forward_scale=1.0, reversed_slots=False):
+    """The oracle's compact products with the forward scaled and/or dW's slots reversed."""
+    def matmul(x, blocks, cmeta, out_dtype):
+        y = bsmm_reference.compact_matmul(x, blocks, cmeta, jnp.float32)
+        return (y * forward_scale).astype(out_dtype)
+
+    def sddmm(x, dy, cmeta, out_dtype):
+        dblocks = bsmm_reference.compact_sddmm(x, dy, cmeta, out_dtype)
+        return dblocks[:, ::-1] if reversed_slots else dblocks
+
+    compact = kernels.CompactBackend(matmul, bsmm_reference.compact_matmul_t, sddmm)
+    return kernels.MatmulBackend(bsmm_reference.matmul, bsmm_reference.matmul_t,
+                                 bsmm_reference.sddmm, compact=compact)
+
+
+def test_check_compact_fails_exactly_the_wrong_product():
+    case = pc.CompactCase("odd", 40, 96, 160, 32, 2)    # T = 2 of Kb = 3, slots unsorted
+    kernels.register_backend("stub_compact_fwd", _stub_compact(forward_scale=1.05))
+    kernels.register_backend("stub_compact_slots", _stub_compact(reversed_slots=True))
+    try:
+        got = {b: _verdicts(pc.check_compact(case, jnp.float32, backend=b))
+               for b in ("reference", "stub_compact_fwd", "stub_compact_slots")}
+    finally:
+        kernels.unregister_backend("stub_compact_fwd")
+        kernels.unregister_backend("stub_compact_slots")
+    everything = {"y": True, "dX": True, "dW": True}
+    assert got["reference"] == everything
+    assert got["stub_compact_fwd"] == {**everything, "y": False}
+    assert got["stub_compact_slots"] == {**everything, "dW": False}
+
+
 def test_check_attention_fails_a_wrong_forward():
     def forward(q, k, v, meta, mask_fn, scale):
         o, lse = attention_reference.forward(q, k, v, meta, mask_fn, scale)
@@ -143,11 +175,13 @@ def _assert_checks_and_bench_ok(proc, out):
     assert rows["bsmm_bench"] == ("ok", "0"), proc.stdout[-3000:]
     report = (out / "pallas_check.md").read_text()
     assert "device cpu:" in report and "jax " in report
-    lines = [l for l in report.splitlines() if l.startswith("| bsmm/") or l.startswith("| attn/")]
-    assert len(lines) >= 40, report
+    lines = [l for l in report.splitlines() if l.startswith(("| bsmm/", "| attn/", "| compact/"))]
+    assert len(lines) >= 60, report
     assert all(l.endswith("| PASS |") for l in lines), report
     assert {"y", "dX", "dW", "dW-off-mask", "out", "dQ", "dK", "dV"} <= {
         l.split(" | ")[0].rsplit("/", 1)[1] for l in lines}
+    assert {l.split(" | ")[0].rsplit("/", 1)[1] for l in lines
+            if l.startswith("| compact/")} == {"y", "dX", "dW"}
     table = (out / "block_sparse_matmul.txt").read_text()
     assert "pallas_gpu" in table and "fwd+bwd" in table
     for step in ("preflight", "pallas_check", "bsmm_bench"):
