@@ -26,6 +26,7 @@ import numpy as np
 from sparse_gpt import plan as plan_lib
 from sparse_gpt.model import hf_import
 from sparse_gpt.model import gpt as model_lib
+from sparse_gpt.model import compact
 from sparse_gpt.sparsity import masks as masks_lib
 
 PyTree = Any
@@ -62,6 +63,8 @@ def _load_workdir(workdir: str) -> tuple[dict[str, Any], PyTree]:
     except FileNotFoundError as e:
         raise ValueError(f"{e} Or point --config.train.init_from at another run.") from None
     want = {k: getattr(model.cfg, k) for k in _SHAPE_KEYS}
+    if model.cfg.compact_slots:   # live blocks only: the dense view of the same weights
+        return want, compact.densify(model.cfg, state.params, state.masks)[0]
     return want, state.params
 
 
@@ -73,7 +76,8 @@ def load_params(path: str, model_cfg: model_lib.ModelConfig) -> PyTree:
       model_cfg: the run's model config; an HF vocabulary is zero-padded to its vocab_size.
 
     Returns:
-      A params tree with exactly the shapes ``model.GPT(model_cfg)`` initialises.
+      A params tree with exactly the shapes ``model.GPT(model_cfg)`` initialises in the
+      dense layout (a compact source is densified; a compact run compacts them itself).
 
     Raises:
       ValueError: the path is neither kind, holds no weights, or has another model shape.
@@ -94,7 +98,8 @@ def load_params(path: str, model_cfg: model_lib.ModelConfig) -> PyTree:
                          "checkpoints/) nor a Hugging Face GPT-2 folder (config.json + "
                          "model.safetensors); fix the path or clear --config.train.init_from.")
     tokens = jnp.zeros((1, 1), jnp.int32)
-    expected = jax.eval_shape(model_lib.GPT(model_cfg).init, jax.random.key(0), tokens)["params"]
+    expected = jax.eval_shape(model_lib.GPT(model_cfg.dense_layout()).init, jax.random.key(0),
+                              tokens)["params"]
     if _shapes(params) != _shapes(expected):  # the field check above should make this rare
         raise ValueError(f"train.init_from={path}: parameter shapes {_shapes(params)} differ "
                          f"from the model's {_shapes(expected)}.")
@@ -122,12 +127,14 @@ def warm_start(config: ml_collections.ConfigDict, model, state, rng: jax.Array):
     _, tx, method = train_lib.build(plan_lib.from_config(config))
     _, mask_rng, _ = jax.random.split(rng, 3)  # the split train_lib.init_state uses
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    params = jax.device_put(params, shardings.params)
+    if not model.cfg.compact_slots:   # compact params get their shardings from the jit
+        params = jax.device_put(params, shardings.params)
 
     def fresh(state, params):
-        all_true = jax.tree.map(jnp.ones_like, state.masks)
-        masks = method.init_masks(params, all_true, mask_rng)
+        masks = method.init_masks(params, model_lib.live_masks(params), mask_rng)
         params = masks_lib.apply_masks(params, masks)
+        if model.cfg.compact_slots:
+            params, masks = compact.to_compact(model.cfg, params, masks)
         return state.replace(params=params, masks=masks, opt_state=tx.init(params))
 
     return jax.jit(fresh, out_shardings=shardings)(state, params)

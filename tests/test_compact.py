@@ -1,0 +1,224 @@
+"""Compact storage (``model.sparse_storage=compact``) against the dense layout, its oracle.
+
+The dense layout (``[K, N]`` weights and masks) is the reference for every compact run:
+the same seed gives the same losses and, densified, the same params, masks and moments.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_gpt import cli, plan as plan_lib
+from sparse_gpt import config as config_lib
+from sparse_gpt.model import compact
+from sparse_gpt.parallel import sharding
+from sparse_gpt.sparsity import compact_update
+from sparse_gpt.training import step as train_lib
+from sparse_gpt.training import trainer
+from tests.helpers import small_config as corpus_config
+
+FAST = {"xla_backend_optimization_level": 0}
+B = 16
+FC = "blocks/mlp/fc/kernel"
+
+
+def config(storage="compact", method="static", **overrides):
+    c = config_lib.get_config("tiny")
+    for key, value in dict({
+            "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2, "model.max_len": 16,
+            "model.vocab_size": 64, "data.seq_len": 16, "train.batch_size": 8,
+            "train.num_steps": 6, "train.warmup_steps": 1, "sparsity.method": method,
+            "sparsity.density": 0.25, "sparsity.structure": "block",
+            "sparsity.block_size": B, "sparsity.update_every": 2, "sparsity.update_end": 6,
+            "model.matmul": "block_sparse", "model.sparse_storage": storage,
+            "mesh.data": 1}, **overrides).items():
+        cli.apply_override(c, key, str(value))
+    return c
+
+
+def batches(c, n):
+    shape = (c.train.batch_size, c.data.seq_len)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, c.model.vocab_size, shape, np.int32)
+        out.append({"inputs": tokens, "targets": np.roll(tokens, -1, axis=1),
+                    "weights": np.ones(shape, np.float32)})
+    return out
+
+
+def run(c, devices=None, n=None):
+    devices = devices or jax.devices()[:1]
+    p = plan_lib.from_config(c, num_devices=len(devices))
+    model, tx, method = train_lib.build(p)
+    steps = trainer.make_steps(p, model, tx, method, sharding.make_mesh(c.mesh, devices),
+                               compiler_options=FAST)
+    state = steps.init(jax.random.key(0))
+    losses = []
+    for batch in batches(c, n or c.train.num_steps):
+        state, metrics = steps.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return p, state, np.array(losses), steps
+
+
+def dense_view(p, state):
+    """(params, masks, Adam mu) of a compact state in the dense layout."""
+    params, masks = compact.densify(p.model, state.params, state.masks)
+    return params, masks, compact.densify_like(p.model, state.opt_state, state.masks)
+
+
+@pytest.fixture(scope="module")
+def static_pair():
+    return run(config("dense")), run(config("compact"))
+
+
+def test_compact_kernels_hold_only_live_blocks_with_index_masks(static_pair):
+    _, (p, state, _, _) = static_pair
+    slots = dict(p.model.compact_slots)
+    assert slots == {"attn/qkv": 1, "attn/out": 1, "mlp/fc": 1, "mlp/proj": 4}  # Kb/4
+    fc, idx = compact.get(state.params, FC), compact.get(state.masks, FC)
+    assert fc.shape == (2, 256 // B, 1, B, B) and idx.shape == (2, 256 // B, 1)
+    assert idx.dtype == jnp.int32
+    mu = compact.get(state.opt_state[1][0].mu, FC)   # adamw: chain(clip, adam, ...)
+    assert mu.shape == fc.shape
+
+
+def test_static_compact_trains_exactly_as_the_dense_layout(static_pair):
+    (pd, dense, dense_losses, _), (pc, comp, comp_losses, _) = static_pair
+    np.testing.assert_array_equal(comp_losses, dense_losses)
+    params, masks, opt = dense_view(pc, comp)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(dense.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(dense.masks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(dense.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(comp.flops) == float(dense.flops)
+
+
+def test_rigl_compact_updates_as_the_dense_layout():
+    _, dense, dense_losses, _ = run(config("dense", "rigl"))
+    pc, comp, comp_losses, _ = run(config("compact", "rigl"))
+    np.testing.assert_allclose(comp_losses, dense_losses, rtol=1e-6)
+    params, masks, _ = dense_view(pc, comp)
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(dense.masks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(dense.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_set_update_on_compact_arrays_by_hand():
+    """One SET update: counts per column kept, the dropped blocks among each matrix's
+    weakest, kept slots unchanged, new slots zero with zero moments; one compilation."""
+    c = config("compact", "set", **{"sparsity.drop_fraction": 0.5,
+                                    "sparsity.drop_fraction_schedule": "constant"})
+    p = plan_lib.from_config(c, num_devices=1)
+    model, tx, method = train_lib.build(p)
+    state = train_lib.init_state(p, model, tx, method, jax.random.key(0))
+    params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape),
+                          state.params)            # distinct block magnitudes
+    opt = jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32 and x.ndim else x,
+                       state.opt_state)            # non-zero moments everywhere
+    update = jax.jit(compact_update.updater(p.model, method))
+    kidx0 = np.asarray(compact.get(state.masks, FC))
+    for step in (0, 2):
+        new_p, new_m, new_o, _ = update(jnp.int32(step), params, state.masks, None, opt,
+                                        jax.random.key(step))
+        kidx = np.asarray(compact.get(new_m, FC))
+        blocks0 = np.asarray(compact.get(params, FC))
+        blocks = np.asarray(compact.get(new_p, FC))
+        mu0, mu = (np.asarray(compact.get(o[1][0].mu, FC)) for o in (opt, new_o))
+        kb = 64 // B
+        for layer in range(kidx.shape[0]):
+            changed = kidx[layer] != kidx0[layer]
+            for j in range(kidx.shape[1]):
+                assert len(set(kidx[layer, j])) == kidx.shape[2]       # distinct, T each
+            assert np.all(blocks[layer][changed] == 0) and np.all(mu[layer][changed] == 0)
+            np.testing.assert_array_equal(blocks[layer][~changed], blocks0[layer][~changed])
+            np.testing.assert_array_equal(mu[layer][~changed], mu0[layer][~changed])
+            # Dropped: at most round(0.5 * live) of the matrix's live blocks, all among the
+            # weakest by mean |w| (the drop is per matrix, regrowth per column).
+            score = np.abs(blocks0[layer]).mean(axis=(-2, -1))          # [Nb, T]
+            n_drop = int(np.round(0.5 * score.size))
+            assert 0 < changed.sum() <= n_drop
+            assert score[changed].max() <= np.sort(score.ravel())[n_drop - 1]
+            assert np.all((kidx[layer] >= 0) & (kidx[layer] < kb))
+    assert update._cache_size() == 1
+    # The updated compact model computes what the dense masked model of its view does.
+    dp, dm = compact.densify(p.model, new_p, new_m)
+    tokens = batches(c, 1)[0]["inputs"]
+    dense_model = plan_lib.from_config(config("dense", "set"), num_devices=1).model
+    from sparse_gpt.model import gpt
+    ref = gpt.GPT(dataclasses.replace(dense_model, matmul="masked")).apply(
+        {"params": dp, "masks": dm}, tokens)
+    out = model.apply({"params": new_p, "masks": new_m}, tokens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
+def test_sharded_compact_training_matches_one_device():
+    _, ref, ref_losses, _ = run(config(method="rigl"), n=3)
+    c = config(method="rigl", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    _, state, losses, _ = run(c, jax.devices(), n=3)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    for a, b in zip(jax.tree.leaves(state.masks), jax.tree.leaves(ref.masks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The blocks split like their kernel's columns: fc's Nb over the tensor axis.
+    blocks = compact.get(state.params, FC)
+    assert blocks.addressable_shards[0].data.shape[1] == blocks.shape[1] // 2
+    assert compact.get(state.masks, FC).sharding.spec[:2] == blocks.sharding.spec[:2]
+
+
+def test_pipelined_compact_training_matches_one_device():
+    _, ref, ref_losses, _ = run(config(), n=3)
+    c = config(**{"mesh.data": 1, "mesh.stage": 2, "train.batch_size": 8})
+    _, state, losses, _ = run(c, jax.devices()[:2], n=3)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+
+
+def test_compact_run_resumes_after_a_kill_and_serves_eval_and_init_from(corpus, tmp_path):
+    overrides = {"sparsity.method": "set", "sparsity.density": 0.5, "sparsity.structure":
+                 "block", "sparsity.block_size": 16, "sparsity.update_every": 2,
+                 "model.matmul": "block_sparse", "model.sparse_storage": "compact"}
+    c = corpus_config(corpus, **overrides)
+    run_dir, ref_dir = str(tmp_path / "run"), str(tmp_path / "ref")
+    trainer.train(c, run_dir, stop_after=5)            # dies after the step-4 checkpoint
+    resumed = trainer.train(c, run_dir)
+    reference = trainer.train(c, ref_dir)
+    for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(reference["state"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The checkpoint holds live blocks only; eval reads it as trained.
+    _, _, model, eval_step, state = trainer.load_run(run_dir)
+    assert compact.get(state.params, FC).ndim == 5
+    assert resumed["val"]["loss"] == pytest.approx(
+        trainer.evaluate(eval_step, state, trainer.setup(c)[0].val_batches(2),
+                         1.0)["loss"], rel=1e-6)
+    # Another run starts from the compact run's weights: their dense view.
+    from sparse_gpt.training import init_from
+    dense, _ = compact.densify(model.cfg, state.params, state.masks)
+    loaded = init_from.load_params(run_dir, plan_lib.from_config(corpus_config(corpus)).model)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(dense)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    warm = corpus_config(corpus, **overrides, **{"train.init_from": run_dir,
+                                                 "train.num_steps": 2})
+    out = trainer.train(warm, str(tmp_path / "warm"))
+    assert np.isfinite(out["loss"]) and compact.get(out["state"].params, FC).ndim == 5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.matmul": "masked"}, "matmul=block_sparse"),
+    ({"sparsity.block_balance": "none"}, "column-balanced"),
+    ({"sparsity.method": "gmp"}, "dense at the start"),
+    ({"sparsity.dense_finetune_start": 3}, "dense phase"),
+    ({"sparsity.method": "rigl", "sparsity.grow_grad_steps": 2}, "grow_grad_steps=1"),
+    ({"model.sparse_storage": "sparse"}, "use 'dense' or 'compact'"),
+])
+def test_compact_storage_refuses_what_it_cannot_hold(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        plan_lib.from_config(config(**overrides), num_devices=1)
