@@ -20,6 +20,8 @@ A shape is ``LAYERSxD_MODEL:SEQ:BATCH`` (heads = d_model / 64, at least 2; byte 
                    final density (after update_end)
     mst-warmup mst-ultra mst-restore   MST (ultra-sparse 87.5%, final 75%, blocks, kernels)
                    timed inside each phase
+    compact-ARM    ARM (static75, static87.5, set75, rigl75) with model.sparse_storage=compact:
+                   only the live blocks stored, read by the kernels as they are
 
 After compiling and two warm-up steps per arm, ``--steps`` rounds time one step of every arm
 in turn (A, B, C, A, B, C, ...) and each arm's median is reported. Steps where the method
@@ -54,7 +56,8 @@ from sparse_gpt.training import step as train_lib, trainer  # noqa: E402
 
 SHAPES = ("4x128:128:16", "4x512:256:8")
 ARMS = ("plain", "dense", "masked75", "static75", "static87.5", "set75", "rigl75", "gmp75",
-        "mst-warmup", "mst-ultra", "mst-restore")
+        "mst-warmup", "mst-ultra", "mst-restore", "compact-static75", "compact-static87.5",
+        "compact-set75", "compact-rigl75")
 NUM_STEPS = 1000            # the schedules' horizon (update_end = 750, MST phases inside)
 
 
@@ -68,6 +71,9 @@ def _blocks(d: int, density: float, kernels: bool = True) -> dict:
 def arm_overrides(arm: str, d: int) -> tuple[dict, int]:
     """The config overrides of ``arm`` and the step its timing starts at."""
     dynamic = {"sparsity.update_every": 10}
+    if arm.startswith("compact-"):
+        over, start = arm_overrides(arm.removeprefix("compact-"), d)
+        return {**over, "model.sparse_storage": "compact"}, start
     if arm == "dense":
         return {}, 0
     if arm.startswith(("masked", "static")):
