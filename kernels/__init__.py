@@ -7,11 +7,12 @@ Public API::
     meta = kernels.make_block_meta(mask_KxN, block_size, budget)        # jittable
     y = kernels.block_sparse_matmul(x, w, meta, backend="auto", interpret=False)
     y_ref = kernels.reference_matmul(x, w, meta)                        # dense oracle
-    kidx = kernels.compact_index(block_mask_KbxNb, T)                  # compact layout
-    blocks = kernels.gather_blocks(w, kidx, block_size)                # [Nb, T, B, B]
-    y = kernels.compact_matmul(x, blocks, kidx, backend="auto")      # grads: dx, dblocks
+    kidx = kernels.compact_index(block_mask_KbxNb, T)                   # compact layout
+    blocks = kernels.gather_blocks(w, kidx, block_size)                 # [Nb, T, B, B]
+    y = kernels.compact_matmul(x, blocks, kidx, backend="auto")         # grads: dx, dblocks
     kernels.available_backends()
-    kernels.register_backend("mine", kernels.MatmulBackend(matmul, matmul_t, sddmm))
+    kernels.register_backend("mine", kernels.MatmulBackend(matmul, matmul_t, sddmm,
+                             compact=kernels.CompactBackend(c_matmul, c_matmul_t, c_sddmm)))
 
     out = kernels.block_sparse_attention(q, k, v, mask_fn, block_size=64)  # [batch, L, H, D]
     out_ref = kernels.reference_attention(q, k, v, kernels.element_mask(mask_fn, L))

@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from kernels.bsmm.meta import FrozenBlockMeta
 from kernels.common import check_block_size
@@ -108,8 +109,9 @@ def gather_blocks(w_KxN: jax.Array, kidx_NbxT: jax.Array, block_size: int) -> ja
 def densify_blocks(blocks_NbxTxBxB: jax.Array, kidx_NbxT: jax.Array, k: int) -> jax.Array:
     """Compact ``[Nb, T, B, B]`` -> the dense view ``[K, N]``, exact zeros off the slots.
 
-    (``kernels.common.scatter_blocks`` is the padded-``BlockMeta`` counterpart used by the
-    Pallas dW kernels.)
+    One windowed scatter straight into ``[K, N]`` (no ``[Kb, Nb, B, B]`` transpose). Slots
+    with ``kidx >= Kb`` are dropped, which is how xla.py places a padded ``BlockMeta``'s dW.
+    (``kernels.common.scatter_blocks`` is the ``BlockMeta`` counterpart of the Pallas dW.)
 
     Args:
       blocks_NbxTxBxB: compact blocks.
@@ -119,14 +121,20 @@ def densify_blocks(blocks_NbxTxBxB: jax.Array, kidx_NbxT: jax.Array, k: int) -> 
     Returns:
       ``[K, Nb*B]`` of the blocks' dtype.
     """
-    nb, _, b, _ = blocks_NbxTxBxB.shape
-    kb = k // b
-    w4 = (
-        jnp.zeros((kb, nb, b, b), blocks_NbxTxBxB.dtype)
-        .at[kidx_NbxT, jnp.arange(nb)[:, None]]
-        .set(blocks_NbxTxBxB)
+    nb, t, b, _ = blocks_NbxTxBxB.shape
+    rows_NbxT = jnp.asarray(kidx_NbxT, jnp.int32) * b
+    cols_NbxT = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32)[:, None] * b, (nb, t))
+    dims = lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2), inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1)
     )
-    return w4.transpose(0, 2, 1, 3).reshape(k, nb * b)
+    return lax.scatter(
+        jnp.zeros((k, nb * b), blocks_NbxTxBxB.dtype),
+        jnp.stack([rows_NbxT, cols_NbxT], axis=-1).reshape(nb * t, 2),
+        blocks_NbxTxBxB.reshape(nb * t, b, b),
+        dims,
+        unique_indices=True,
+        mode=lax.GatherScatterMode.FILL_OR_DROP,
+    )
 
 
 def index_block_mask(kidx_NbxT: jax.Array, kb: int) -> jax.Array:

@@ -123,7 +123,8 @@ def register_backend(name: str, impl: MatmulBackend) -> None:
 
     Args:
       name: any string but ``"auto"`` and the built-in names.
-      impl: a ``MatmulBackend`` of the three products.
+      impl: a ``MatmulBackend`` of the three products (with ``compact=CompactBackend(...)``
+        it also serves ``compact_matmul``).
 
     Raises:
       ValueError: a built-in, empty or ``"auto"`` name.
