@@ -97,6 +97,24 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
                 rules=sharding.parse_rules(config.mesh.rules))
 
 
+def dense_switch(plan: Plan) -> int | None:
+    """The step at which a compact run's dense phase starts (``sparsity.dense_finetune_start``
+    with ``model.sparse_storage=compact``), or None. From that step on the run trains the
+    dense layout: the trainer densifies the state once (:func:`for_step`)."""
+    if plan.model.compact_slots and plan.method.goes_dense:
+        return int(plan.method.dense_finetune_start)
+    return None
+
+
+def for_step(plan: Plan, step: int) -> Plan:
+    """The plan of the run's phase holding a state of ``step`` steps: past a compact run's
+    :func:`dense_switch`, the same run in the dense layout; else ``plan``."""
+    switch = dense_switch(plan)
+    if switch is None or step < switch:
+        return plan
+    return dataclasses.replace(plan, model=plan.model.dense_layout())
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """The checks that need no parsed section: context length, train values, the mesh.
 
@@ -341,10 +359,6 @@ def _check_compact(model: ModelConfig, method) -> None:
     if getattr(method, "grow_grad_steps", 1) > 1:
         raise ValueError("model.sparse_storage=compact scores growth by one dense gradient "
                          "per update: set --config.sparsity.grow_grad_steps=1, " f"{fix}.")
-    if method.goes_dense:
-        raise ValueError("model.sparse_storage=compact cannot hold the dense phase "
-                         "(sparsity.dense_finetune_start): set it to -1, "
-                         f"{fix}.")
 
 
 def _check_train(t: ml_collections.ConfigDict) -> None:

@@ -145,6 +145,16 @@ def step_contexts(step, rng, attention=None, sat=None, topology=None, tier=None
     return contexts, sat.branch(step)
 
 
+def dense_phase_state(model_cfg, state: TrainState) -> TrainState:
+    """A compact state (``model.sparse_storage=compact``) as the dense phase starts it: the
+    dense layout of the same values, every mask lifted to live (as ``Static``'s lift does
+    in the dense layout: the lifted weights and their moments are zero already)."""
+    params, masks = compact.densify(model_cfg, state.params, state.masks)
+    opt_state = compact.densify_like(model_cfg, state.opt_state, state.masks)
+    masks = jax.tree.map(lambda m: jnp.ones(m.shape, jnp.bool_), masks)
+    return state.replace(params=params, masks=masks, opt_state=opt_state)
+
+
 def budget_tier(model: nn.Module, masks: PyTree) -> jax.Array | None:
     """The block budget tier the masks fit (``gpt.kernel_tier``), or None for a model
     without tiers (a method whose density never changes, or no block-sparse kernels)."""
@@ -224,6 +234,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
     update = method.update
     if compact_cfg is not None and method.evolves:
         update = compact_update.updater(compact_cfg, method)
+    elif compact_cfg is not None:   # a fixed compact topology; a dense phase is a change of
+        def update(step, params, masks, grads, opt_state, rng, state):  # layout (trainer)
+            return params, masks, opt_state, state
 
     def masked_grads(state, batch, ctx, dense_step):
         loss, grads = grad_fn(state.params, model_masks(state), batch, model, forward, ctx)

@@ -65,7 +65,7 @@ def make_steps(plan: plan_lib.Plan, model, tx, method, mesh: Mesh | None = None,
                              f"config plans {getattr(plan.pipeline, 'num_stages', 1)}; set "
                              "--config.mesh.stage to match the mesh.")
         forward = pipeline.make_forward(mesh, plan.pipeline)
-    if model.cfg.matmul == "block_sparse" and method.goes_dense:
+    if model.cfg.matmul == "block_sparse" and method.goes_dense and not model.cfg.compact_slots:
         forward = train_lib.dense_when_all_live(forward)  # the dense phase leaves the kernel
 
     def init_fn(rng):
@@ -116,14 +116,45 @@ def evaluate(eval_step, state: train_lib.TrainState, batches: list[dict],
             "bits_per_byte": loss / math.log(2) / bytes_per_token}
 
 
-def setup(config: ml_collections.ConfigDict):
-    """Builds data, model, optimizer, method and the jitted steps of a run."""
-    run_plan = plan_lib.from_config(config)
-    plan_lib.check_vocabulary(config)
-    data = data_lib.make_data(config.data, config.train.batch_size, config.data.seed)
+def build_steps(config: ml_collections.ConfigDict, step: int = 0):
+    """``(model, init, train_step, eval_step)`` of the run's phase holding a state of ``step``
+    steps (``plan.for_step``: a compact run trains the dense layout in its dense phase)."""
+    run_plan = plan_lib.for_step(plan_lib.from_config(config), step)
     model, tx, method = train_lib.build(run_plan)
     steps = make_steps(run_plan, model, tx, method)
-    return data, model, steps.init, steps.train_step, steps.eval_step
+    return model, steps.init, steps.train_step, steps.eval_step
+
+
+def setup(config: ml_collections.ConfigDict, step: int = 0):
+    """Builds data, model, optimizer, method and the jitted steps of a run (of its phase at
+    ``step``, see :func:`build_steps`)."""
+    plan_lib.from_config(config)
+    plan_lib.check_vocabulary(config)
+    data = data_lib.make_data(config.data, config.train.batch_size, config.data.seed)
+    return (data, *build_steps(config, step))
+
+
+def _dense_phase(config, state, step: int):
+    """At a compact run's dense switch (``step``): the densified state and the dense
+    layout's ``(model, init, train_step, eval_step)``."""
+    model, init, train_step, eval_step = build_steps(config, step)
+    abstract = jax.eval_shape(init, jax.random.key(config.train.seed))
+    compact_cfg = plan_lib.from_config(config).model
+    state = jax.jit(lambda s: train_lib.dense_phase_state(compact_cfg, s),
+                    out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(state)
+    return state, (model, init, train_step, eval_step)
+
+
+def _latest_step(workdir: str) -> int:
+    """The newest checkpoint's step in ``workdir`` (0 without one)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return 0
+    ckpt = ckpt_lib.Checkpointer(directory, async_save=False, read_only=True)
+    try:
+        return ckpt.latest_step() or 0
+    finally:
+        ckpt.close()
 
 
 def restore_or_init(config, workdir: str, model, init, data_iter):
@@ -201,13 +232,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         good one.
       Stopped: a signal stopped the run; the newest checkpoint is of the step it names.
     """
-    plan_lib.from_config(config)   # bad values fail before the workdir is touched
+    # Bad values fail here, before the workdir is touched.
+    switch = plan_lib.dense_switch(plan_lib.from_config(config))
     workdir = workdir_lib.prepare(workdir)
     t = config.train
     with contextlib.ExitStack() as stack:   # closed in reverse: the lock is released last
         stack.enter_context(workdir_lib.WorkdirLock(workdir, jax.process_index()))
         stop = stack.enter_context(workdir_lib.StopOnSignal())
-        data, model, init, train_step, eval_step = setup(config)
+        data, model, init, train_step, eval_step = setup(config, _latest_step(workdir))
         train_iter = data.train_iterator()
         state, ckpt, meta, changes = restore_or_init(config, workdir, model, init, train_iter)
         stack.callback(ckpt.close)
@@ -226,6 +258,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         for step in range(start, t.num_steps):
             state, metrics = train_step(state, next(train_iter))
             done = step + 1
+            if done == switch:   # a compact run goes on in the dense layout
+                state, (model, init, train_step, eval_step) = _dense_phase(config, state, done)
+                meta = ckpt_lib.make_meta(model.cfg, jax.eval_shape(
+                    init, jax.random.key(t.seed)), config)
             is_last = done == t.num_steps
             if done % t.log_every == 0 or is_last:
                 metrics = jax.device_get(metrics)
@@ -364,10 +400,10 @@ def open_run(workdir: str, step: int | None = None, *, for_eval: bool = True,
                                     "config.json is missing; restore config.json.")
         data = eval_step = None
         if for_eval:
-            data, model, init, _, eval_step = setup(config)
+            data, model, init, _, eval_step = setup(config, step)
             abstract = jax.eval_shape(init, jax.random.key(config.train.seed))
         else:
-            run_plan = plan_lib.from_config(config)
+            run_plan = plan_lib.for_step(plan_lib.from_config(config), step)
             model, tx, method = train_lib.build(run_plan)
             abstract = jax.eval_shape(lambda rng: train_lib.init_state(
                 run_plan, model, tx, method, rng), jax.random.key(0))
