@@ -81,8 +81,11 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
         # a method whose density changes switches between budget tiers on the way.
         shapes = sparse_shapes(method, model)
         tiers = method.kernel_tiers(shapes)
+        dense = tuple(p.removeprefix("blocks/").removesuffix("/kernel")
+                      for p in model.kernel_shapes() if p not in shapes)
         model = dataclasses.replace(model, block_density=method.max_density(shapes),
-                                    block_tiers=tiers if len(tiers) > 1 else ())
+                                    block_tiers=tiers if len(tiers) > 1 else (),
+                                    dense_kernels=dense)
     if model.sparse_storage == "compact":
         _check_compact(model, method)
         slots = method.column_slots(sparse_shapes(method, model))

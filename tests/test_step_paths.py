@@ -246,3 +246,27 @@ def test_chunked_causal_attention_matches_the_softmax_formula(seq_len):
     for g, r in zip(loss(causal_attention), loss(lambda *a: jax.nn.dot_product_attention(
             *a, is_causal=True))):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, storage", [("set", "dense"), ("gmp", "dense"),
+                                             ("set", "compact")])
+def test_kernels_outside_sparse_layers_take_the_plain_product(method, storage):
+    """With sparse_layers=mlp/*, the all-live attention kernels must not go through a block
+    budget sized for the sparse ones (it held 1 of 4 K-blocks and dropped the rest)."""
+    import dataclasses
+    from sparse_gpt.model import compact, gpt
+    c = config(**{"sparsity.method": method, "sparsity.sparse_layers": "mlp/*",
+                  "model.sparse_storage": storage})
+    p = plan_lib.from_config(c)
+    assert p.model.dense_kernels == ("attn/qkv", "attn/out")
+    model, tx, m = train_lib.build(p)
+    state = train_lib.init_state(p, model, tx, m, jax.random.key(0))
+    params, masks = state.params, state.masks
+    if storage == "compact":
+        params, masks = compact.densify(p.model, params, masks)
+    tokens = batch(c)["inputs"]
+    oracle = gpt.GPT(dataclasses.replace(p.model.dense_layout(), matmul="masked")).apply(
+        {"params": params, "masks": masks}, tokens)
+    ctx = StepContext(tier=train_lib.budget_tier(model, state.masks))
+    out = model.apply({"params": state.params, "masks": state.masks}, tokens, ctx)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(oracle), atol=1e-5)

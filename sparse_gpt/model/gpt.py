@@ -94,6 +94,9 @@ class ModelConfig:
     sparse_storage: str = "dense"   # dense | compact (live blocks only: model/compact.py)
     # compact: (kernel key, live blocks per output block column T) of each compact kernel.
     compact_slots: tuple[tuple[str, int], ...] = ()
+    # Kernels outside sparsity.sparse_layers (keys as "attn/qkv"): always all live, so they
+    # take the plain product whatever ``matmul`` is (no block budget holds a full matrix).
+    dense_kernels: tuple[str, ...] = ()
 
     @property
     def ff(self) -> int:
@@ -153,7 +156,8 @@ def kernel_tier(cfg: ModelConfig, masks: Any) -> jax.Array:
     b, fits = cfg.block_size, jnp.ones(len(cfg.block_tiers), bool)
     flat = kernel_leaves(masks)
     for path, (_, k, n) in cfg.kernel_shapes().items():
-        if path not in flat:
+        if path not in flat or path.removeprefix("blocks/").removesuffix("/kernel") in (
+                cfg.dense_kernels):
             continue
         per_col = jnp.max(jnp.sum(kernels.pool_blocks(flat[path], (b, b), "any"), axis=-2))
         budgets = jnp.asarray([kernels.block_budget(k, n, b, t).max_per_col
@@ -166,7 +170,8 @@ def _dense(cfg: ModelConfig, features: int, key: str, std: float,
            axes: tuple[str, str], in_features: int | None = None) -> SparseDense:
     """The ``SparseDense`` of kernel ``key`` ("attn/qkv"; its module name is the last part)."""
     return SparseDense(features, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                       kernel_init=nn.initializers.normal(std), matmul=cfg.matmul,
+                       kernel_init=nn.initializers.normal(std),
+                       matmul="masked" if key in cfg.dense_kernels else cfg.matmul,
                        block_size=cfg.block_size, block_density=cfg.block_density,
                        block_tiers=cfg.block_tiers, slots=cfg.slots(key),
                        kernel_backend=cfg.kernel_backend, kernel_axes=axes,
