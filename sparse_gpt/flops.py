@@ -109,18 +109,27 @@ def density(masks: Tree, model_cfg=None) -> jnp.ndarray:
     return live / max(size, 1)
 
 
-def density_report(masks: Tree, per_matrix: bool = True) -> dict[str, jnp.ndarray]:
+def density_report(masks: Tree, per_matrix: bool = True, model_cfg=None
+                   ) -> dict[str, jnp.ndarray]:
     """Densities of the mask tree, as a flat dict of float32 scalars for logging.
 
     Keys: ``total`` (live / size over all mask leaves), each leaf's path (over its stacked
     layers) and, when ``per_matrix``, ``path[i]`` for the i-th matrix of the leaf (flat index
-    over the leading axes).
+    over the leading axes). Compact index leaves need ``model_cfg``, as for :func:`density`.
     """
     out = {}
     live_total, size_total = jnp.zeros((), jnp.float32), 0
+    shapes = {} if model_cfg is None else model_cfg.kernel_shapes()
     for path, m in sorted(masks_lib.flatten(masks).items()):
-        live = masks_lib.nnz(m).reshape(-1).astype(jnp.float32)
-        per = m.shape[-2] * m.shape[-1]
+        if compact.is_compact(m):
+            if model_cfg is None:
+                raise ValueError(f"{path} is a compact index mask: pass model_cfg.")
+            _, k, n = shapes[path]
+            per = k * n
+            live = jnp.full((m.shape[0],), m[0].size * model_cfg.block_size ** 2, jnp.float32)
+        else:
+            live = masks_lib.nnz(m).reshape(-1).astype(jnp.float32)
+            per = m.shape[-2] * m.shape[-1]
         out[path] = jnp.sum(live) / (per * live.shape[0])
         if per_matrix:
             for i in range(live.shape[0]):

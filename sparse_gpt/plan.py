@@ -24,6 +24,7 @@ import ml_collections
 from sparse_gpt import config as config_lib
 from sparse_gpt.data import tokenizers
 from sparse_gpt.model import attention as attention_lib
+from sparse_gpt.model import gpt as model_lib
 from sparse_gpt.model.gpt import ModelConfig
 from sparse_gpt.model.omission import METRICS, SELECTIONS
 from sparse_gpt.parallel import pipeline as pipeline_lib
@@ -81,8 +82,7 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
         # a method whose density changes switches between budget tiers on the way.
         shapes = sparse_shapes(method, model)
         tiers = method.kernel_tiers(shapes)
-        dense = tuple(p.removeprefix("blocks/").removesuffix("/kernel")
-                      for p in model.kernel_shapes() if p not in shapes)
+        dense = tuple(model_lib.kernel_key(p) for p in model.kernel_shapes() if p not in shapes)
         model = dataclasses.replace(model, block_density=method.max_density(shapes),
                                     block_tiers=tiers if len(tiers) > 1 else (),
                                     dense_kernels=dense)
@@ -90,7 +90,7 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
         _check_compact(model, method)
         slots = method.column_slots(sparse_shapes(method, model))
         model = dataclasses.replace(model, compact_slots=tuple(
-            (p.removeprefix("blocks/").removesuffix("/kernel"), t) for p, t in slots.items()))
+            (model_lib.kernel_key(p), t) for p, t in slots.items()))
     attention = _attention(config)
     sat = _sat(config, model)
     pipeline = _pipeline(config, num_devices)
@@ -344,21 +344,20 @@ def _check_compact(model: ModelConfig, method) -> None:
     """``model.sparse_storage=compact`` stores a fixed number of live blocks per output block
     column: it needs the block kernels and a method that keeps that number."""
     fix = "or keep --config.model.sparse_storage=dense"
-    structure = method.settings.structure
     if model.matmul != "block_sparse":
         raise ValueError("model.sparse_storage=compact stores only live blocks, which the "
                          f"block-sparse kernels multiply: set --config.model.matmul=block_sparse"
                          f" (with sparsity.structure=block), {fix}.")
-    if structure.kind != "block" or structure.balance != "column":
-        raise ValueError("model.sparse_storage=compact needs column-balanced blocks: set "
-                         "--config.sparsity.structure=block and sparsity.block_balance=column, "
-                         f"{fix}.")
     if method.always_dense or method.starts_dense:
         raise ValueError(
             f"model.sparse_storage=compact holds a fixed number of live blocks per column, but "
             f"sparsity.method={method.settings.method} is dense at the start (its budget is "
             "the whole matrix, so compact storage saves nothing): use method static, set or "
             f"rigl, {fix}.")
+    if len(method.kernel_tiers(sparse_shapes(method, model))) > 1:
+        raise ValueError(f"model.sparse_storage=compact holds a fixed number of live blocks "
+                         f"per column, but sparsity.method={method.settings.method} changes "
+                         f"its density during training: use static, set or rigl, {fix}.")
     if getattr(method, "grow_grad_steps", 1) > 1:
         raise ValueError("model.sparse_storage=compact scores growth by one dense gradient "
                          "per update: set --config.sparsity.grow_grad_steps=1, " f"{fix}.")

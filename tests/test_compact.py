@@ -125,22 +125,29 @@ def test_set_update_on_compact_arrays_by_hand():
     opt = jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32 and x.ndim else x,
                        state.opt_state)            # non-zero moments everywhere
     update = jax.jit(compact_update.updater(p.model, method))
-    kidx0 = np.asarray(compact.get(state.masks, FC))
-    for step in (0, 2):
-        new_p, new_m, new_o, _ = update(jnp.int32(step), params, state.masks, None, opt,
+    masks = state.masks
+    for step in (0, 2):   # the second update starts from the first one's (unsorted) slots
+        new_p, new_m, new_o, _ = update(jnp.int32(step), params, masks, None, opt,
                                         jax.random.key(step))
+        kidx0 = np.asarray(compact.get(masks, FC))
         kidx = np.asarray(compact.get(new_m, FC))
         blocks0 = np.asarray(compact.get(params, FC))
         blocks = np.asarray(compact.get(new_p, FC))
-        mu0, mu = (np.asarray(compact.get(o[1][0].mu, FC)) for o in (opt, new_o))
+        moments = [(np.asarray(compact.get(getattr(o[1][0], name), FC)) for o in (opt, new_o))
+                   for name in ("mu", "nu")]
+        moments = [tuple(pair) for pair in moments]
         kb = 64 // B
         for layer in range(kidx.shape[0]):
             changed = kidx[layer] != kidx0[layer]
             for j in range(kidx.shape[1]):
                 assert len(set(kidx[layer, j])) == kidx.shape[2]       # distinct, T each
-            assert np.all(blocks[layer][changed] == 0) and np.all(mu[layer][changed] == 0)
+                kept = set(kidx0[layer, j]) & set(kidx[layer, j])
+                assert kept == set(kidx0[layer, j][~changed[j]])       # kept blocks stay put
+            assert np.all(blocks[layer][changed] == 0)
             np.testing.assert_array_equal(blocks[layer][~changed], blocks0[layer][~changed])
-            np.testing.assert_array_equal(mu[layer][~changed], mu0[layer][~changed])
+            for before, after in moments:
+                assert np.all(after[layer][changed] == 0)
+                np.testing.assert_array_equal(after[layer][~changed], before[layer][~changed])
             # Dropped: at most round(0.5 * live) of the matrix's live blocks, all among the
             # weakest by mean |w| (the drop is per matrix, regrowth per column).
             score = np.abs(blocks0[layer]).mean(axis=(-2, -1))          # [Nb, T]
@@ -148,7 +155,10 @@ def test_set_update_on_compact_arrays_by_hand():
             assert 0 < changed.sum() <= n_drop
             assert score[changed].max() <= np.sort(score.ravel())[n_drop - 1]
             assert np.all((kidx[layer] >= 0) & (kidx[layer] < kb))
+        params, masks, opt = new_p, new_m, new_o
     assert update._cache_size() == 1
+    proj = np.asarray(compact.get(masks, "blocks/mlp/proj/kernel"))     # T = 4
+    assert not np.all(np.diff(proj, axis=-1) > 0)                         # slots unsorted
     # The updated compact model computes what the dense masked model of its view does.
     dp, dm = compact.densify(p.model, new_p, new_m)
     tokens = batches(c, 1)[0]["inputs"]
@@ -160,6 +170,17 @@ def test_set_update_on_compact_arrays_by_hand():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
 
 
+def test_rewrite_slots_by_hand():
+    # One layer, Kb = 4, Nb = 2, T = 2. Column 0: {0, 2} -> {2, 3}; column 1: {1, 3} kept.
+    kidx = jnp.asarray([[[0, 2], [3, 1]]], jnp.int32)
+    new = np.zeros((1, 4, 2), bool)
+    new[0, [2, 3], 0] = True
+    new[0, [1, 3], 1] = True
+    out, changed = compact_update.rewrite_slots(kidx, jnp.asarray(new))
+    np.testing.assert_array_equal(np.asarray(out), [[[3, 2], [3, 1]]])
+    np.testing.assert_array_equal(np.asarray(changed), [[[True, False], [False, False]]])
+
+
 def test_sharded_compact_training_matches_one_device():
     _, ref, ref_losses, _ = run(config(method="rigl"), n=3)
     c = config(method="rigl", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
@@ -169,9 +190,10 @@ def test_sharded_compact_training_matches_one_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     for a, b in zip(jax.tree.leaves(state.masks), jax.tree.leaves(ref.masks)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # The blocks split like their kernel's columns: fc's Nb over the tensor axis.
+    # The blocks split like their kernel: fc's columns (Nb) over tensor, rows over fsdp.
     blocks = compact.get(state.params, FC)
-    assert blocks.addressable_shards[0].data.shape[1] == blocks.shape[1] // 2
+    _, nb, t, b, _ = blocks.shape
+    assert blocks.addressable_shards[0].data.shape == (2, nb // 2, t, b // 2, b)
     assert compact.get(state.masks, FC).sharding.spec[:2] == blocks.sharding.spec[:2]
 
 
@@ -211,11 +233,13 @@ def test_compact_run_resumes_after_a_kill_and_serves_eval_and_init_from(corpus, 
     assert np.isfinite(out["loss"]) and compact.get(out["state"].params, FC).ndim == 5
 
 
-def test_dense_phase_densifies_once_and_resumes_on_either_side(corpus, tmp_path):
-    """static 75% with a dense phase from step 5: the compact run (killed at step 6, resumed
-    from its step-4 compact checkpoint) ends as the dense layout's uninterrupted run."""
+@pytest.mark.parametrize("switch", [5, 4], ids=["after-checkpoint", "at-checkpoint"])
+def test_dense_phase_densifies_once_and_resumes_on_either_side(corpus, tmp_path, switch):
+    """static 75% with a dense phase from step ``switch``: the compact run, killed at step 6
+    and resumed from its step-4 checkpoint (compact before the switch, dense at it), ends as
+    the dense layout's uninterrupted run."""
     overrides = {"sparsity.method": "static", "sparsity.density": 0.25, "sparsity.structure":
-                 "block", "sparsity.block_size": 16, "sparsity.dense_finetune_start": 5,
+                 "block", "sparsity.block_size": 16, "sparsity.dense_finetune_start": switch,
                  "model.matmul": "block_sparse"}
     comp = corpus_config(corpus, **overrides, **{"model.sparse_storage": "compact"})
     dense = corpus_config(corpus, **overrides)
@@ -226,18 +250,14 @@ def test_dense_phase_densifies_once_and_resumes_on_either_side(corpus, tmp_path)
     assert resumed["start_step"] == 4
     # Equal up to float rounding (the two dense phases are differently compiled programs).
     for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(reference["state"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-6)
     assert resumed["density"] == 1.0
     # Checkpoints on both sides of the switch restore for evaluation.
     _, _, model, _, state = trainer.load_run(run_dir, step=4)
-    assert compact.is_compact(compact.get(state.masks, FC))
+    assert compact.is_compact(compact.get(state.masks, FC)) == (switch > 4)
     _, _, model, _, state = trainer.load_run(run_dir)
     assert compact.get(state.params, FC).shape == (2, 32, 128)
-    # Resumed past the switch, the run continues in the dense layout.
-    more = trainer.train(corpus_config(corpus, **overrides, **{
-        "model.sparse_storage": "compact", "train.num_steps": 10}), run_dir)
-    assert more["start_step"] == 8 and compact.get(more["state"].params, FC).ndim == 3
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -79,27 +79,34 @@ def to_compact(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
 
     b = cfg.block_size
     for path, t in compact_paths(cfg).items():
-        w_LxKxN, m_LxKxN = get(params, path), get(masks, path)
-        pooled_LxKbxNb = kernels.pool_blocks(m_LxKxN, (b, b), "any")
+        pooled_LxKbxNb = kernels.pool_blocks(get(masks, path), (b, b), "any")
         # One layer at a time: a concrete mask's column counts are checked per layer.
         kidx_LxNbxT = jnp.stack([kernels.compact_index(pooled_LxKbxNb[i], t)
                                  for i in range(pooled_LxKbxNb.shape[0])])
-        blocks = _per_layer(lambda w, i: kernels.gather_blocks(w, i, b), w_LxKxN, kidx_LxNbxT)
-        params, masks = _set(params, path, blocks), _set(masks, path, kidx_LxNbxT)
-    return params, masks
+        masks = _set(masks, path, kidx_LxNbxT)
+    return gather(cfg, params, masks), masks
+
+
+def gather(cfg, tree: Tree, masks: Tree) -> Tree:
+    """A dense-layout tree that mirrors params (params, a dense gradient) -> its live blocks
+    at the compact kernels' paths, for the index ``masks``; other leaves kept."""
+    import kernels
+
+    b = cfg.block_size
+    for path in compact_paths(cfg):
+        leaf = _per_layer(lambda w, i: kernels.gather_blocks(w, i, b), get(tree, path),
+                          get(masks, path))
+        tree = _set(tree, path, leaf)
+    return tree
 
 
 def block_masks(cfg, masks: Tree) -> dict[str, jax.Array]:
     """``{path: [L, Kb, Nb] bool}`` block masks of the compact kernels' index leaves."""
     import kernels
 
-    out = {}
-    for path, (_, k, _) in cfg.kernel_shapes().items():
-        if path in compact_paths(cfg):
-            kidx = get(masks, path)
-            out[path] = _per_layer(
-                lambda i: kernels.index_block_mask(i, k // cfg.block_size), kidx)
-    return out
+    shapes = cfg.kernel_shapes()
+    return {path: _per_layer(lambda i: kernels.index_block_mask(
+        i, shapes[path][1] // cfg.block_size), get(masks, path)) for path in compact_paths(cfg)}
 
 
 def densify(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
@@ -111,28 +118,11 @@ def densify(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
     import kernels
 
     b = cfg.block_size
-    shapes = cfg.kernel_shapes()
-    pooled = block_masks(cfg, masks)
-    for path in compact_paths(cfg):
-        kidx = get(masks, path)
-        _, k, _ = shapes[path]
-        w = _per_layer(lambda x, i: kernels.densify_blocks(x, i, k), get(params, path), kidx)
-        m = kernels.expand_blocks(pooled[path], (b, b))
-        params, masks = _set(params, path, w), _set(masks, path, m)
+    dense_masks = {p: kernels.expand_blocks(m, (b, b)) for p, m in block_masks(cfg, masks).items()}
+    params = densify_like(cfg, params, masks)
+    for path, m in dense_masks.items():
+        masks = _set(masks, path, m)
     return params, masks
-
-
-def gather(cfg, tree: Tree, masks: Tree) -> Tree:
-    """A dense-layout tree that mirrors params (a dense gradient) -> its live blocks at the
-    compact kernels' paths (the compact layout of the same values); other leaves kept."""
-    import kernels
-
-    b = cfg.block_size
-    for path in compact_paths(cfg):
-        leaf = _per_layer(lambda w, i: kernels.gather_blocks(w, i, b), get(tree, path),
-                          get(masks, path))
-        tree = _set(tree, path, leaf)
-    return tree
 
 
 def densify_like(cfg, tree: Tree, masks: Tree) -> Tree:
@@ -147,8 +137,7 @@ def densify_like(cfg, tree: Tree, masks: Tree) -> Tree:
     shapes = cfg.kernel_shapes()
 
     def one(key_path, x):
-        keys = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", ""))))
-                        for k in key_path)
+        keys = jax.tree_util.keystr(key_path, simple=True, separator="/")
         for path in paths:
             kidx = get(masks, path)
             if keys.endswith(path) and getattr(x, "shape", None) == (

@@ -39,6 +39,12 @@ KERNELS = ("blocks/attn/qkv/kernel", "blocks/attn/out/kernel",
            "blocks/mlp/fc/kernel", "blocks/mlp/proj/kernel")
 
 
+def kernel_key(path: str) -> str:
+    """``"blocks/attn/qkv/kernel"`` -> ``"attn/qkv"``: a kernel's key in ``StepContext`` and
+    ``ModelConfig`` (its module path below the stacked blocks)."""
+    return path.removeprefix("blocks/").removesuffix("/kernel")
+
+
 def live_masks(params: Any) -> dict:
     """All-True masks of the ``KERNELS`` of ``params``: the model's ``masks`` collection at
     init, built without running the model (imported weights, tests, notebooks)."""
@@ -156,8 +162,7 @@ def kernel_tier(cfg: ModelConfig, masks: Any) -> jax.Array:
     b, fits = cfg.block_size, jnp.ones(len(cfg.block_tiers), bool)
     flat = kernel_leaves(masks)
     for path, (_, k, n) in cfg.kernel_shapes().items():
-        if path not in flat or path.removeprefix("blocks/").removesuffix("/kernel") in (
-                cfg.dense_kernels):
+        if path not in flat or kernel_key(path) in cfg.dense_kernels:
             continue
         per_col = jnp.max(jnp.sum(kernels.pool_blocks(flat[path], (b, b), "any"), axis=-2))
         budgets = jnp.asarray([kernels.block_budget(k, n, b, t).max_per_col

@@ -86,8 +86,8 @@ class SparseDense(nn.Module):
       slots: compact storage: live blocks per output block column (T); 0 stores the kernel
         dense ([K, N] and a [K, N] mask).
       kernel_axes: logical axis names of the [K, N] kernel (and of its mask; the bias gets
-        the N name). A compact kernel's blocks (and indices) split like its columns: N's
-        name on the Nb axis.
+        the N name). A compact kernel's blocks split like the kernel: N's name on the Nb
+        axis, K's on each block's rows (its indices take the leading two).
       in_features: K; None takes it from the input (must be set when ``in_index`` slices
         the input).
     """
@@ -183,7 +183,8 @@ class SparseDense(nn.Module):
 
         b, t, n = self.block_size, self.slots, self.features
         nb = n // b
-        axes = (self.kernel_axes[1], None, None, None)
+        # Blocks split like the kernel: columns (Nb) by N's name, each block's rows by K's.
+        axes = (self.kernel_axes[1], None, self.kernel_axes[0], None)
         blocks_NbxTxBxB = self.param("kernel", logical_init(self.kernel_init, axes),
                                      (nb, t, b, b), self.param_dtype)
         first = logical_init(lambda: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (nb, t)),

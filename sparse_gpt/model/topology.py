@@ -55,6 +55,9 @@ class Topology:
         out = []
         for path, mask in sorted(gpt.kernel_leaves(masks).items()):
             if compact.is_compact(mask):
+                if kernel_shapes is None:
+                    raise ValueError(f"{path} is a compact index mask: pass kernel_shapes "
+                                     "(ModelConfig.kernel_shapes()) to Topology.of.")
                 kidx_LxNbxT = np.asarray(mask)
                 if np.any(np.diff(kidx_LxNbxT, axis=-1) <= 0):
                     raise ValueError(f"{path}: compact slots are not in ascending K-block "
@@ -64,7 +67,7 @@ class Topology:
                 metas = tuple(kernels.make_block_meta(
                     np.asarray(kernels.index_block_mask(k, kb)), block_size, block_mask=True,
                     frozen=True) for k in kidx_LxNbxT)
-                out.append((path.removeprefix("blocks/").removesuffix("/kernel"), metas))
+                out.append((gpt.kernel_key(path), metas))
                 continue
             m_LxKxN = np.asarray(mask) != 0
             pooled_any = kernels.pool_blocks(m_LxKxN, (block_size, block_size), "any")
@@ -75,7 +78,7 @@ class Topology:
                                  "--config.sparsity.structure=block with this block size.")
             metas = tuple(kernels.make_block_meta(b, block_size, block_mask=True, frozen=True)
                           for b in pooled_any)
-            out.append((path.removeprefix("blocks/").removesuffix("/kernel"), metas))
+            out.append((gpt.kernel_key(path), metas))
         return cls(tuple(out))
 
     def get(self, key: str) -> tuple[Any, ...] | None:

@@ -223,7 +223,7 @@ def _like_params(masks: PyTree, params: PyTree) -> PyTree:
         return None
     if isinstance(masks, dict):
         return {k: _like_params(v, params[k]) for k, v in masks.items()}
-    if len(masks.shape) < len(params.spec) and isinstance(params, NamedSharding):
+    if isinstance(params, NamedSharding) and len(masks.shape) < len(params.spec):
         return NamedSharding(params.mesh, P(*tuple(params.spec)[:len(masks.shape)]))
     return params
 

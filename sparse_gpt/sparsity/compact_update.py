@@ -10,8 +10,11 @@ RigL's mean ``|dL/dw|`` of each block of the dense gradient: the very values the
 masks' block pooling gives) and its own random draws per block. The new block mask is then
 written back slot by slot: a kept block keeps its slot, value and moments; a dropped
 block's slot takes one of its column's grown blocks (ascending), starting at zero with fresh
-optimizer moments. Shapes never change, so an update never recompiles, and nothing
-dense-sized is made but RigL's dense gradient (the dense layout needs it as well).
+optimizer moments. Shapes never change, so an update never recompiles. Nothing dense-sized
+is made but on RigL's dense-gradient steps (the dense view of the params and its gradient,
+as the dense layout makes them too). The method's own ``update`` is not called (only its
+``update_topology`` and ``is_update_step``), and it must keep every column's count, which
+``plan`` checks (one budget tier).
 """
 
 from __future__ import annotations
@@ -57,6 +60,15 @@ def block_scores(cfg, blocks: Tree, masks: Tree) -> dict:
             means = jnp.mean(jnp.abs(compact.get(blocks, path)).astype(jnp.float32), (-2, -1))
             out[path] = _scatter_NbxT(means, kidx, k // cfg.block_size)
     return masks_lib.unflatten(out)
+
+
+def no_scores(cfg) -> dict:
+    """Zero block scores (``[L, Kb, Nb]`` per compact kernel): the grow scores of a step
+    that computes no dense gradient (same shapes as :func:`pooled_scores`)."""
+    b = cfg.block_size
+    return masks_lib.unflatten({p: jnp.zeros((l, k // b, n // b), jnp.float32)
+                                for p, (l, k, n) in cfg.kernel_shapes().items()
+                                if p in compact.compact_paths(cfg)})
 
 
 def pooled_scores(cfg, dense: Tree) -> dict:
@@ -119,13 +131,13 @@ def updater(cfg, method):
 
     def update(step, params, masks, grads, opt_state, rng, state=None):
         rng = jax.random.fold_in(rng, jnp.asarray(step, jnp.int32))
-        scores = block_scores(cfg, params, masks)
-        bmasks = masks_lib.unflatten(compact.block_masks(cfg, masks))
         bgrads = grads if method.needs_dense_grads else None
 
-        def do(ops):
+        def do(ops):   # the scores and the block view are built on update steps only
             p, m, o = ops
-            _, new, _ = view.update_topology(step, scores, bmasks, bgrads, {}, rng)
+            bmasks = masks_lib.unflatten(compact.block_masks(cfg, m))
+            _, new, _ = view.update_topology(step, block_scores(cfg, p, m), bmasks, bgrads,
+                                             {}, rng)
             return commit(cfg, p, m, o, new)
 
         out = lax.cond(method.is_update_step(step), do, lambda ops: ops,

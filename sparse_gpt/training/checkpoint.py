@@ -89,6 +89,17 @@ def make_meta(model_cfg: model_lib.ModelConfig, state: Any, config: Any = None) 
     return meta
 
 
+def latest_step(directory: str) -> int:
+    """The newest checkpoint's step in a checkpoint folder (0 without one), read only."""
+    if not os.path.isdir(directory):
+        return 0
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
+    try:
+        return ckpt.latest_step() or 0
+    finally:
+        ckpt.close()
+
+
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` for one run directory."""
 

@@ -127,7 +127,11 @@ def warm_start(config: ml_collections.ConfigDict, model, state, rng: jax.Array):
     _, tx, method = train_lib.build(plan_lib.from_config(config))
     _, mask_rng, _ = jax.random.split(rng, 3)  # the split train_lib.init_state uses
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    if not model.cfg.compact_slots:   # compact params get their shardings from the jit
+    if model.cfg.compact_slots:   # dense-layout params: whole on every device, then compacted
+        mesh = jax.tree.leaves(shardings.params)[0].mesh
+        params = jax.device_put(params, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+    else:
         params = jax.device_put(params, shardings.params)
 
     def fresh(state, params):

@@ -242,7 +242,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
         loss, grads = grad_fn(state.params, model_masks(state), batch, model, forward, ctx)
         scores = grads
         if compact_cfg is not None and method.needs_dense_grads:  # the dense branch's shapes
-            scores = compact_update.block_scores(compact_cfg, grads, state.masks)
+            scores = compact_update.no_scores(compact_cfg)
         return loss, grads, scores, flops_of(state, batch, ctx, dense_step)
 
     def dense_grads(state, batch, ctx, dense_step):

@@ -50,7 +50,8 @@ def make_steps(plan: plan_lib.Plan, model, tx, method, mesh: Mesh | None = None,
 
     Shardings come from the model's logical axis names and ``config.mesh.rules``; with more
     than one pipeline stage the model runs through ``pipeline.make_forward``; a block-sparse
-    model whose method may go dense through ``train_lib.dense_when_all_live``. A
+    model whose method may go dense through ``train_lib.dense_when_all_live`` (a compact
+    one changes layout instead: :func:`build_steps`). A
     block-sparse model whose masks never change gets steps specialised to the masks of the
     first state they are called with (``step.keeps_fixed_masks``): every later state must
     hold the same masks, as every state of one run does.
@@ -145,18 +146,6 @@ def _dense_phase(config, state, step: int):
     return state, (model, init, train_step, eval_step)
 
 
-def _latest_step(workdir: str) -> int:
-    """The newest checkpoint's step in ``workdir`` (0 without one)."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return 0
-    ckpt = ckpt_lib.Checkpointer(directory, async_save=False, read_only=True)
-    try:
-        return ckpt.latest_step() or 0
-    finally:
-        ckpt.close()
-
-
 def restore_or_init(config, workdir: str, model, init, data_iter):
     """The newest checkpoint's state (checked against this run's config), else a new one.
 
@@ -239,7 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     with contextlib.ExitStack() as stack:   # closed in reverse: the lock is released last
         stack.enter_context(workdir_lib.WorkdirLock(workdir, jax.process_index()))
         stop = stack.enter_context(workdir_lib.StopOnSignal())
-        data, model, init, train_step, eval_step = setup(config, _latest_step(workdir))
+        data, model, init, train_step, eval_step = setup(config, ckpt_lib.latest_step(
+            os.path.join(workdir, "checkpoints")))
         train_iter = data.train_iterator()
         state, ckpt, meta, changes = restore_or_init(config, workdir, model, init, train_iter)
         stack.callback(ckpt.close)
@@ -262,6 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                 state, (model, init, train_step, eval_step) = _dense_phase(config, state, done)
                 meta = ckpt_lib.make_meta(model.cfg, jax.eval_shape(
                     init, jax.random.key(t.seed)), config)
+                tick = time.perf_counter()  # the switch's compile is not training throughput
             is_last = done == t.num_steps
             if done % t.log_every == 0 or is_last:
                 metrics = jax.device_get(metrics)
