@@ -248,8 +248,7 @@ def test_chunked_causal_attention_matches_the_softmax_formula(seq_len):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method, storage", [("set", "dense"), ("gmp", "dense"),
-                                             ("set", "compact")])
+@pytest.mark.parametrize("method, storage", [("set", "dense"), ("set", "compact")])
 def test_kernels_outside_sparse_layers_take_the_plain_product(method, storage):
     """With sparse_layers=mlp/*, the all-live attention kernels must not go through a block
     budget sized for the sparse ones (it held 1 of 4 K-blocks and dropped the rest)."""

@@ -75,9 +75,11 @@ def init_state(plan, model: nn.Module, tx: optax.GradientTransformation, method:
     # then keeps only the live blocks.
     variables = model_lib.GPT(model.cfg.dense_layout()).init(init_rng, tokens)
     masks = method.init_masks(variables["params"], variables["masks"], mask_rng)
-    params = masks_lib.apply_masks(variables["params"], masks)
-    if model.cfg.compact_slots:
-        params, masks = compact.to_compact(model.cfg, params, masks)
+    if model.cfg.compact_slots:   # only live blocks are kept: no dense masked copy
+        params, masks = compact.to_compact(model.cfg, variables["params"], masks)
+        params = masks_lib.apply_masks(params, masks)   # the kernels not stored compact
+    else:
+        params = masks_lib.apply_masks(variables["params"], masks)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
                       opt_state=tx.init(params), rng=jax.random.key_data(step_rng),
                       bad_step=jnp.full((), -1, jnp.int32), flops=jnp.zeros((), jnp.float32),

@@ -163,15 +163,25 @@ class SparsityMethod:
         """Prunes the sparse leaves from ``masks`` to their target densities.
 
         Scores are random (``init=random``) or ``|w|`` (``init=magnitude``); the structure is
-        kept (blocks, N:M groups).
+        kept (blocks, N:M groups). Random blocks draw one score per block, on the block
+        view of the masks: a uniformly random choice either way, and drawing a score per
+        weight would make init's memory peak (a threefry draw of the kernels' size takes
+        about four times that size in temporaries).
         """
         sub = self.sparse_masks(masks)
+        structure, densities = self.settings.structure, self.target_densities(masks)
         if self.settings.init == "magnitude":
             scores = prune_lib.magnitude(params, sub)
+        elif structure.kind == "block":
+            block = structure.block
+            pooled = jax.tree.map(lambda m: masks_lib.pool(m, block, "all"), sub)
+            chosen = prune_lib.prune(pooled, prune_lib.random_scores(rng, pooled), densities,
+                                     dataclasses.replace(structure, block=(1, 1)))
+            return masks_lib.replace(masks, {p: masks_lib.expand(m, block) for p, m in
+                                             masks_lib.flatten(chosen).items()})
         else:
             scores = prune_lib.random_scores(rng, sub)
-        return prune_lib.prune(masks, scores, self.target_densities(masks),
-                               self.settings.structure)
+        return prune_lib.prune(masks, scores, densities, structure)
 
     def commit(self, params: Tree, old: Tree, new: Tree, opt_state: Tree):
         """Applies a topology change: grown weights to zero, dropped ones masked, moments reset.
