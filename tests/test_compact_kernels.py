@@ -15,7 +15,11 @@ import kernels
 from kernels.bsmm import pallas_gpu, pallas_tpu
 
 _PALLAS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
-BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True), ("pallas_tpu", True)]
+# The Pallas backends' compact products are checked against the same oracle in
+# tests/test_compact_pallas.py (several shapes, unsorted slots, bf16); here under -m slow.
+BACKENDS = [("xla", False), ("reference", False),
+            pytest.param("pallas_gpu", True, marks=pytest.mark.slow),
+            pytest.param("pallas_tpu", True, marks=pytest.mark.slow)]
 
 
 def _skip_missing(backend):
