@@ -56,10 +56,6 @@ def _set(tree: Tree, path: str, value) -> Tree:
     return out
 
 
-def _per_layer(fn, *args):
-    return jax.vmap(fn)(*args)
-
-
 def to_compact(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
     """``(params, masks)`` of the dense layout -> the compact layout of ``cfg``.
 
@@ -94,8 +90,8 @@ def gather(cfg, tree: Tree, masks: Tree) -> Tree:
 
     b = cfg.block_size
     for path in compact_paths(cfg):
-        leaf = _per_layer(lambda w, i: kernels.gather_blocks(w, i, b), get(tree, path),
-                          get(masks, path))
+        leaf = jax.vmap(lambda w, i: kernels.gather_blocks(w, i, b))(get(tree, path),
+                                                                 get(masks, path))
         tree = _set(tree, path, leaf)
     return tree
 
@@ -105,8 +101,8 @@ def block_masks(cfg, masks: Tree) -> dict[str, jax.Array]:
     import kernels
 
     shapes = cfg.kernel_shapes()
-    return {path: _per_layer(lambda i: kernels.index_block_mask(
-        i, shapes[path][1] // cfg.block_size), get(masks, path)) for path in compact_paths(cfg)}
+    return {path: jax.vmap(lambda i: kernels.index_block_mask(
+        i, shapes[path][1] // cfg.block_size))(get(masks, path)) for path in compact_paths(cfg)}
 
 
 def densify(cfg, params: Tree, masks: Tree) -> tuple[Tree, Tree]:
@@ -143,7 +139,7 @@ def densify_like(cfg, tree: Tree, masks: Tree) -> Tree:
             if keys.endswith(path) and getattr(x, "shape", None) == (
                     *kidx.shape, cfg.block_size, cfg.block_size):
                 k = shapes[path][1]
-                return _per_layer(lambda w, i: kernels.densify_blocks(w, i, k), x, kidx)
+                return jax.vmap(lambda w, i: kernels.densify_blocks(w, i, k))(x, kidx)
         return x
 
     return jax.tree_util.tree_map_with_path(one, tree)

@@ -167,15 +167,8 @@ class SparseDense(nn.Module):
         else:
             raise ValueError(f"Unknown matmul {self.matmul!r}: use 'masked' or 'block_sparse' "
                              "(--config.model.matmul).")
-        if self.use_bias:
-            bias_N = self.param("bias", logical_init(nn.initializers.zeros,
-                                                     self.kernel_axes[1:]),
-                                (self.features,), self.param_dtype)
-            if out_index is not None:
-                bias_N = bias_N[out_index]
-            y_MxN = y_MxN + bias_N.astype(self.dtype)
+        y_MxN = self._bias(y_MxN, out_index)
         return y_MxN.reshape(*lead, y_MxN.shape[-1])
-
 
     def _compact(self, x_xK: jax.Array, frozen: tuple | None) -> jax.Array:
         """The product of a compact kernel: blocks ``[Nb, T, B, B]``, indices ``[Nb, T]``."""
@@ -204,16 +197,20 @@ class SparseDense(nn.Module):
                 return lambda x, w: kernels.compact_matmul(x, w, meta, backend=backend)
             y_MxN = _switched(at, frozen[0], frozen[1], (x_MxK, blocks_NbxTxBxB), (True, False))
         else:
-            def product(_):
-                return lambda x, w, i: kernels.compact_matmul(x, w, i, backend=backend)
-            y_MxN = _switched(product, (None,), None, (x_MxK, blocks_NbxTxBxB, kidx_NbxT),
-                              (True, False, False))
-        if self.use_bias:
-            bias_N = self.param("bias", logical_init(nn.initializers.zeros,
-                                                     self.kernel_axes[1:]),
-                                (n,), self.param_dtype)
-            y_MxN = y_MxN + bias_N.astype(self.dtype)
-        return y_MxN.reshape(*lead, n)
+            y_MxN = over_batch_shards(
+                lambda x, w, i: kernels.compact_matmul(x, w, i, backend=backend),
+                (x_MxK, blocks_NbxTxBxB, kidx_NbxT), (True, False, False))
+        return self._bias(y_MxN).reshape(*lead, n)
+
+    def _bias(self, y_MxN: jax.Array, out_index: jax.Array | None = None) -> jax.Array:
+        """``y + bias`` (only the ``out_index`` columns of it), or ``y`` without a bias."""
+        if not self.use_bias:
+            return y_MxN
+        bias_N = self.param("bias", logical_init(nn.initializers.zeros, self.kernel_axes[1:]),
+                            (self.features,), self.param_dtype)
+        if out_index is not None:
+            bias_N = bias_N[out_index]
+        return y_MxN + bias_N.astype(self.dtype)
 
 
 def _take(w_KxN: jax.Array, rows: jax.Array | None, cols: jax.Array | None) -> jax.Array:

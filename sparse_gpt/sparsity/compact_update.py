@@ -53,22 +53,21 @@ def _scatter_NbxT(values_LxNbxT: jax.Array, kidx_LxNbxT: jax.Array, kb: int) -> 
 def block_scores(cfg, blocks: Tree, masks: Tree) -> dict:
     """Mean ``|x|`` of each live block of a compact tree (params or gradients), as
     ``[L, Kb, Nb]`` per compact kernel path (zeros at dead blocks), nested like masks."""
-    out = {}
-    for path, (_, k, _) in cfg.kernel_shapes().items():
-        if path in compact.compact_paths(cfg):
-            kidx = compact.get(masks, path)
-            means = jnp.mean(jnp.abs(compact.get(blocks, path)).astype(jnp.float32), (-2, -1))
-            out[path] = _scatter_NbxT(means, kidx, k // cfg.block_size)
+    out, shapes = {}, cfg.kernel_shapes()
+    for path in compact.compact_paths(cfg):
+        means = jnp.mean(jnp.abs(compact.get(blocks, path)).astype(jnp.float32), (-2, -1))
+        out[path] = _scatter_NbxT(means, compact.get(masks, path),
+                                  shapes[path][1] // cfg.block_size)
     return masks_lib.unflatten(out)
 
 
 def no_scores(cfg) -> dict:
     """Zero block scores (``[L, Kb, Nb]`` per compact kernel): the grow scores of a step
     that computes no dense gradient (same shapes as :func:`pooled_scores`)."""
-    b = cfg.block_size
-    return masks_lib.unflatten({p: jnp.zeros((l, k // b, n // b), jnp.float32)
-                                for p, (l, k, n) in cfg.kernel_shapes().items()
-                                if p in compact.compact_paths(cfg)})
+    b, shapes = cfg.block_size, cfg.kernel_shapes()
+    return masks_lib.unflatten({p: jnp.zeros((shapes[p][0], shapes[p][1] // b,
+                                              shapes[p][2] // b), jnp.float32)
+                                for p in compact.compact_paths(cfg)})
 
 
 def pooled_scores(cfg, dense: Tree) -> dict:
