@@ -27,7 +27,6 @@ from sparse_gpt import plan as plan_lib
 from sparse_gpt.model import hf_import
 from sparse_gpt.model import gpt as model_lib
 from sparse_gpt.model import compact
-from sparse_gpt.sparsity import masks as masks_lib
 
 PyTree = Any
 _SHAPE_KEYS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_len", "use_rope")
@@ -135,10 +134,8 @@ def warm_start(config: ml_collections.ConfigDict, model, state, rng: jax.Array):
         params = jax.device_put(params, shardings.params)
 
     def fresh(state, params):
-        masks = method.init_masks(params, model_lib.live_masks(params), mask_rng)
-        params = masks_lib.apply_masks(params, masks)
-        if model.cfg.compact_slots:
-            params, masks = compact.to_compact(model.cfg, params, masks)
+        params, masks = train_lib.first_topology(model.cfg, method, params,
+                                                 model_lib.live_masks(params), mask_rng)
         return state.replace(params=params, masks=masks, opt_state=tx.init(params))
 
     return jax.jit(fresh, out_shardings=shardings)(state, params)

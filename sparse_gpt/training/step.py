@@ -74,16 +74,23 @@ def init_state(plan, model: nn.Module, tx: optax.GradientTransformation, method:
     # A compact model starts as its dense layout does (same seed, same weights and masks),
     # then keeps only the live blocks.
     variables = model_lib.GPT(model.cfg.dense_layout()).init(init_rng, tokens)
-    masks = method.init_masks(variables["params"], variables["masks"], mask_rng)
-    if model.cfg.compact_slots:   # only live blocks are kept: no dense masked copy
-        params, masks = compact.to_compact(model.cfg, variables["params"], masks)
-        params = masks_lib.apply_masks(params, masks)   # the kernels not stored compact
-    else:
-        params = masks_lib.apply_masks(variables["params"], masks)
+    params, masks = first_topology(model.cfg, method, variables["params"], variables["masks"],
+                                   mask_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
                       opt_state=tx.init(params), rng=jax.random.key_data(step_rng),
                       bad_step=jnp.full((), -1, jnp.int32), flops=jnp.zeros((), jnp.float32),
                       sparsity_state=method.init_state(masks))
+
+
+def first_topology(model_cfg, method: Any, params: PyTree, masks: PyTree, rng: jax.Array
+                   ) -> tuple[PyTree, PyTree]:
+    """``(params, masks)`` a run starts from: the method's first masks on dense-layout
+    ``params`` (``masks`` all live), masked weights zero; a compact model keeps only the live
+    blocks (no dense masked copy is made)."""
+    masks = method.init_masks(params, masks, rng)
+    if model_cfg.compact_slots:
+        params, masks = compact.to_compact(model_cfg, params, masks)
+    return masks_lib.apply_masks(params, masks), masks   # compact leaves pass through
 
 
 def cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -135,15 +135,15 @@ def setup(config: ml_collections.ConfigDict, step: int = 0):
     return (data, *build_steps(config, step))
 
 
-def _dense_phase(config, state, step: int):
-    """At a compact run's dense switch (``step``): the densified state and the dense
-    layout's ``(model, init, train_step, eval_step)``."""
+def _dense_phase(config, compact_cfg, state, step: int):
+    """At a compact run's dense switch (``step``): the densified state, the dense layout's
+    ``(model, init, train_step, eval_step)`` and its checkpoint meta."""
     model, init, train_step, eval_step = build_steps(config, step)
     abstract = jax.eval_shape(init, jax.random.key(config.train.seed))
-    compact_cfg = plan_lib.from_config(config).model
     state = jax.jit(lambda s: train_lib.dense_phase_state(compact_cfg, s),
                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(state)
-    return state, (model, init, train_step, eval_step)
+    meta = ckpt_lib.make_meta(model.cfg, abstract, config)
+    return state, (model, init, train_step, eval_step), meta
 
 
 def restore_or_init(config, workdir: str, model, init, data_iter):
@@ -249,9 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             state, metrics = train_step(state, next(train_iter))
             done = step + 1
             if done == switch:   # a compact run goes on in the dense layout
-                state, (model, init, train_step, eval_step) = _dense_phase(config, state, done)
-                meta = ckpt_lib.make_meta(model.cfg, jax.eval_shape(
-                    init, jax.random.key(t.seed)), config)
+                state, (model, init, train_step, eval_step), meta = _dense_phase(
+                    config, model.cfg, state, done)
                 tick = time.perf_counter()  # the switch's compile is not training throughput
             is_last = done == t.num_steps
             if done % t.log_every == 0 or is_last:
