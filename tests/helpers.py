@@ -1,7 +1,10 @@
 """Small training configs and batch helpers shared by the tests that train end to end."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import kernels
 from sparse_gpt import cli
 from sparse_gpt import config as config_lib
 
@@ -37,3 +40,31 @@ def assert_same(a, b):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def block_oracle(x, w, mask_KbxNb, b, ct):
+    """fp32 ``(y, dx, dw)`` of ``x @ (w * expand(mask))`` by plain autodiff (the dense masked
+    oracle of every block-sparse backend)."""
+    m_KxN = kernels.expand_block_mask(jnp.asarray(mask_KbxNb, jnp.float32), b)
+    f = lambda x, w: kernels.reference_matmul(x, w, m_KxN)
+    y, vjp = jax.vjp(f, x.astype(jnp.float32), w.astype(jnp.float32))
+    return (y, *vjp(ct.astype(jnp.float32)))
+
+
+def compact_oracle(x, blocks, kidx, ct):
+    """fp32 ``(y, dx, dblocks)`` of a compact weight: :func:`block_oracle` of its dense view,
+    dW gathered back to the compact shape."""
+    b, k = blocks.shape[-1], x.shape[-1]
+    kidx = jnp.asarray(kidx)
+    w = kernels.densify_blocks(blocks.astype(jnp.float32), kidx, k)
+    y, dx, dw = block_oracle(x, w, kernels.index_block_mask(kidx, k // b), b, ct)
+    return y, dx, kernels.gather_blocks(dw, kidx, b)
+
+
+def assert_close(got, want, dtype, name):
+    """Same shape, and equal within 1e-5 (bf16: 2e-2) of the largest magnitude (at least 1)."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    tol = 2e-2 * scale if dtype == jnp.bfloat16 else 1e-5 * scale
+    np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=name)

@@ -13,6 +13,7 @@ import pytest
 
 import kernels
 from kernels.bsmm import pallas_gpu, pallas_tpu
+from tests.helpers import assert_close, compact_oracle
 
 _PALLAS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
 # The Pallas backends' compact products are checked against the same oracle in
@@ -32,28 +33,6 @@ def _kidx(kb, nb, t, rng, ascending=False):
     """Distinct K-blocks per column; unsorted unless ``ascending``."""
     k = np.stack([rng.permutation(kb)[:t] for _ in range(nb)]).astype(np.int32)
     return np.sort(k, axis=1) if ascending else k
-
-
-def _oracle(x, blocks, kidx, ct):
-    """fp32 (y, dx, dblocks) through the dense masked oracle."""
-    nb, t, b, _ = blocks.shape
-    k = x.shape[-1]
-    m_KxN = kernels.expand_block_mask(
-        kernels.index_block_mask(jnp.asarray(kidx), k // b).astype(jnp.float32), b
-    )
-    w = kernels.densify_blocks(blocks.astype(jnp.float32), jnp.asarray(kidx), k)
-    f = lambda x, w: kernels.reference_matmul(x, w, m_KxN)
-    y, vjp = jax.vjp(f, x.astype(jnp.float32), w)
-    dx, dw = vjp(ct.astype(jnp.float32))
-    return y, dx, kernels.gather_blocks(dw, jnp.asarray(kidx), b)
-
-
-def _close(got, want, dtype, name):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    tol = 2e-2 * scale if dtype == jnp.bfloat16 else 1e-5 * scale
-    np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=name)
 
 
 def _data(lead, k, n, t, b, dtype, rng):
@@ -77,9 +56,9 @@ def _check(backend, interpret, lead, k, n, b, t, dtype, seed, n_index=3):
     for i in range(n_index):
         kidx = _kidx(k // b, n // b, t, rng, ascending=i == 0)
         got = run(x, blocks, ct, kidx)
-        for name, g, r in zip(("y", "dx", "dblocks"), got, _oracle(x, blocks, kidx, ct)):
+        for name, g, r in zip(("y", "dx", "dblocks"), got, compact_oracle(x, blocks, kidx, ct)):
             assert g.dtype == dtype, (name, g.dtype)
-            _close(g, r, dtype, f"{backend} {name} T={t} index {i}")
+            assert_close(g, r, dtype, f"{backend} {name} T={t} index {i}")
     assert run._cache_size() == 1, "a new slot index must not recompile"
 
 
@@ -124,13 +103,13 @@ def test_xla_agrees_with_the_dense_layout_op():
     y_d, vjp_d = jax.vjp(lambda x, w: kernels.block_sparse_matmul(x, w, meta, backend="xla"),
                          x, w)
     (dx_c, db_c), (dx_d, dw_d) = vjp_c(ct), vjp_d(ct)
-    _close(y_c, y_d, jnp.float32, "y")
-    _close(dx_c, dx_d, jnp.float32, "dx")
-    _close(db_c, kernels.gather_blocks(dw_d, jnp.asarray(kidx), b), jnp.float32, "dW")
+    assert_close(y_c, y_d, jnp.float32, "y")
+    assert_close(dx_c, dx_d, jnp.float32, "dx")
+    assert_close(db_c, kernels.gather_blocks(dw_d, jnp.asarray(kidx), b), jnp.float32, "dW")
 
 
 @pytest.mark.parametrize("t", [1, 2, 4])
-def test_frozen_topology_matches_oracle(t):
+def test_frozen_topology_matchescompact_oracle(t):
     """A ``FrozenBlockMeta`` on xla (static slices), reference and Pallas (converted)."""
     rng = np.random.default_rng(10 + t)
     b, kb, nb = 16, 4, 6
@@ -139,7 +118,7 @@ def test_frozen_topology_matches_oracle(t):
     mask = np.asarray(kernels.index_block_mask(kidx, kb))
     fmeta = kernels.make_block_meta(mask, b, block_mask=True, frozen=True)
     x, blocks, ct = _data((2, 5), kb * b, nb * b, t, b, jnp.float32, rng)
-    want = _oracle(x, blocks, kidx, ct)
+    want = compact_oracle(x, blocks, kidx, ct)
 
     def run(x, blocks, ct, backend="xla", interpret=False):
         f = lambda x, bl: kernels.compact_matmul(x, bl, fmeta, backend=backend,
@@ -153,7 +132,7 @@ def test_frozen_topology_matches_oracle(t):
     for backend, interpret in backends:
         got = jax.jit(run, static_argnums=(3, 4))(x, blocks, ct, backend, interpret)
         for name, g, r in zip(("y", "dx", "dblocks"), got, want):
-            _close(g, r, jnp.float32, f"frozen {backend} {name} T={t}")
+            assert_close(g, r, jnp.float32, f"frozen {backend} {name} T={t}")
     jaxpr = str(jax.make_jaxpr(run)(x, blocks, ct))
     # Activations are only sliced; dX permutes the (small) weight once, by one static gather.
     assert "scatter" not in jaxpr and "while" not in jaxpr, jaxpr
@@ -215,7 +194,7 @@ def test_mixed_dtypes_and_empty_batch():
     y, vjp = jax.vjp(f, x.astype(jnp.bfloat16), blocks)
     dx, db = vjp(ct)
     assert (y.dtype, dx.dtype, db.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
-    _close(db, _oracle(x.astype(jnp.bfloat16), blocks, kidx, ct)[2], jnp.float32, "dblocks")
+    assert_close(db, compact_oracle(x.astype(jnp.bfloat16), blocks, kidx, ct)[2], jnp.float32, "dblocks")
     assert f(jnp.zeros((0, 3, 32)), blocks).shape == (0, 3, 32)
 
 
@@ -277,8 +256,8 @@ def test_registered_compact_backend_is_used():
         f = lambda x, bl: kernels.compact_matmul(x, bl, kidx, backend="stub_compact")
         y, vjp = jax.vjp(f, x, blocks)
         got = (y, *vjp(ct))
-        for name, g, r in zip(("y", "dx", "dblocks"), got, _oracle(x, blocks, kidx, ct)):
-            _close(g, r, jnp.float32, name)
+        for name, g, r in zip(("y", "dx", "dblocks"), got, compact_oracle(x, blocks, kidx, ct)):
+            assert_close(g, r, jnp.float32, name)
         assert sorted(calls) == ["dw", "dx", "fwd"]
     finally:
         kernels.unregister_backend("stub_compact")

@@ -15,6 +15,7 @@ import pytest
 
 import kernels
 from kernels.bsmm import ops, pallas_gpu, pallas_tpu
+from tests.helpers import assert_close, compact_oracle
 
 # (M, K, N, B, T): T = 1 with empty K-block rows, T = Kb, and 1 < T < Kb.
 SHAPES = [(40, 96, 64, 16, 1), (24, 64, 128, 32, 2), (33, 64, 96, 16, 3)]
@@ -38,24 +39,6 @@ def _problem(m, k, n, b, t, dtype, seed):
     return x, blocks, dy, kidx
 
 
-def _oracle(x, blocks, dy, kidx, b):
-    """fp32 (y, dX, dblocks): the dense masked product of the densified weight."""
-    k = x.shape[1]
-    w = kernels.densify_blocks(blocks.astype(jnp.float32), jnp.asarray(kidx), k)
-    m_KxN = kernels.expand_block_mask(kernels.index_block_mask(jnp.asarray(kidx), k // b), b)
-    f = lambda x, w: kernels.reference_matmul(x, w, m_KxN)
-    y, vjp = jax.vjp(f, x.astype(jnp.float32), w)
-    dx, dw = vjp(dy.astype(jnp.float32))
-    return y, dx, kernels.gather_blocks(dw, jnp.asarray(kidx), b)
-
-
-def _close(got, want, dtype, name):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    tol = 2e-2 * scale if dtype == jnp.bfloat16 else 1e-5 * scale
-    np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=name)
-
-
 def _vjp(backend, x, blocks, dy, kidx, b, interpret=True):
     @jax.jit
     def run(x, blocks, dy, kidx):
@@ -74,9 +57,9 @@ def test_compact_values_and_gradients_match_the_oracle(backend, shape):
     m, k, n, b, t = shape
     x, blocks, dy, kidx = _problem(*shape, jnp.float32, seed=sum(shape))
     got = _vjp(backend, x, blocks, dy, kidx, b)
-    for name, g, r in zip(("y", "dX", "dblocks"), got, _oracle(x, blocks, dy, kidx, b)):
+    for name, g, r in zip(("y", "dX", "dblocks"), got, compact_oracle(x, blocks, kidx, dy)):
         assert g.shape == r.shape and g.dtype == jnp.float32, (name, g.shape, g.dtype)
-        _close(g, r, jnp.float32, f"{backend} {shape} {name}")
+        assert_close(g, r, jnp.float32, f"{backend} {shape} {name}")
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
@@ -85,9 +68,9 @@ def test_compact_bf16_full_columns(backend):
     m, k, n, b = 24, 64, 64, 32
     x, blocks, dy, kidx = _problem(m, k, n, b, k // b, jnp.bfloat16, seed=5)
     got = _vjp(backend, x, blocks, dy, kidx, b)
-    for name, g, r in zip(("y", "dX", "dblocks"), got, _oracle(x, blocks, dy, kidx, b)):
+    for name, g, r in zip(("y", "dX", "dblocks"), got, compact_oracle(x, blocks, kidx, dy)):
         assert g.shape == r.shape and g.dtype == jnp.bfloat16, (name, g.shape, g.dtype)
-        _close(g, r, jnp.bfloat16, f"{backend} bf16 {name}")
+        assert_close(g, r, jnp.bfloat16, f"{backend} bf16 {name}")
 
 
 @pytest.mark.parametrize("mod", [pallas_gpu, pallas_tpu], ids=["pallas_gpu", "pallas_tpu"])
@@ -97,13 +80,13 @@ def test_compact_products_called_directly(mod):
     m, k, n, b, t = 48, 96, 64, 16, 2
     x, blocks, dy, kidx = _problem(m, k, n, b, t, jnp.float32, seed=9)
     cmeta = kernels.make_compact_meta(kidx, b, k)
-    want = _oracle(x, blocks, dy, kidx, b)
+    want = compact_oracle(x, blocks, kidx, dy)
     kw = dict(interpret=True, block_m=16)
     got = (mod.compact_matmul(x, blocks, cmeta, jnp.float32, **kw),
            mod.compact_matmul_t(dy, blocks, cmeta, jnp.float32, **kw),
            mod.compact_sddmm(x, dy, cmeta, jnp.float32, **kw))
     for name, g, r in zip(("y", "dX", "dblocks"), got, want):
-        _close(g, r, jnp.float32, f"{mod.__name__} direct {name}")
+        assert_close(g, r, jnp.float32, f"{mod.__name__} direct {name}")
 
 
 def test_compact_pallas_tpu_under_the_tpu_semantics_interpreter():
@@ -113,8 +96,8 @@ def test_compact_pallas_tpu_under_the_tpu_semantics_interpreter():
     m, k, n, b, t = 8, 64, 48, 16, 2
     x, blocks, dy, kidx = _problem(m, k, n, b, t, jnp.float32, seed=3)
     got = _vjp("pallas_tpu", x, blocks, dy, kidx, b, interpret=pltpu.InterpretParams())
-    for name, g, r in zip(("y", "dX", "dblocks"), got, _oracle(x, blocks, dy, kidx, b)):
-        _close(g, r, jnp.float32, f"tpu interpreter {name}")
+    for name, g, r in zip(("y", "dX", "dblocks"), got, compact_oracle(x, blocks, kidx, dy)):
+        assert_close(g, r, jnp.float32, f"tpu interpreter {name}")
 
 
 @pytest.mark.parametrize("backend,platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])

@@ -16,23 +16,9 @@ import pytest
 import kernels
 from kernels import BlockBudget
 from kernels.bsmm import reference as bsmm_reference
+from tests.helpers import assert_close, block_oracle
 
 BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True), ("pallas_tpu", True)]
-
-
-def _oracle(x, w, mask_KbxNb, b, ct):
-    """fp32 (y, dx, dw) of ``x @ (w * m)`` by plain autodiff."""
-    m_KxN = kernels.expand_block_mask(jnp.asarray(mask_KbxNb, jnp.float32), b)
-    f = lambda x, w: kernels.reference_matmul(x, w, m_KxN)
-    y, vjp = jax.vjp(f, x.astype(jnp.float32), w.astype(jnp.float32))
-    return (y, *vjp(ct.astype(jnp.float32)))
-
-
-def _close(got, want, dtype, name):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    tol = 2e-2 * scale if dtype == jnp.bfloat16 else 1e-5 * scale
-    np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=name)
 
 
 def _masks(kb, nb, rng):
@@ -69,10 +55,10 @@ def _check_backend(backend, interpret, lead, k, n, b, dtype, seed, full_budget=F
         kept = np.asarray(kept)
         fits = (mask.sum(0) <= budget[0]).all() and (mask.sum(1) <= budget[1]).all()
         assert (kept == mask).all() == fits and not (kept & ~mask).any()
-        want = _oracle(x, w, kept, b, ct)
+        want = block_oracle(x, w, kept, b, ct)
         for name, g, r in zip(("y", "dx", "dw"), got, want):
             assert g.shape == r.shape and g.dtype == dtype, (name, g.shape, g.dtype)
-            _close(g, r, dtype, f"{backend} {name} density={mask.mean():.2f}")
+            assert_close(g, r, dtype, f"{backend} {name} density={mask.mean():.2f}")
         dw_outside = np.asarray(got[2], np.float32) * (1 - np.kron(kept, np.ones((b, b))))
         assert not dw_outside.any(), "dW must be exactly zero outside the non-zero blocks"
     assert run._cache_size() == 1, "a new mask must not recompile"
@@ -186,7 +172,7 @@ def test_budget_overflow_truncates_under_jit(backend, interpret):
     want[2:, 0] = False
     np.testing.assert_array_equal(kept, want)
     assert int(dropped) == 2
-    _close(y, _oracle(x, w, want, 16, jnp.zeros((8, 48)))[0], jnp.float32, "y")
+    assert_close(y, block_oracle(x, w, want, 16, jnp.zeros((8, 48)))[0], jnp.float32, "y")
 
 
 def test_topology_changes_inside_one_jitted_loop_without_recompiling():
@@ -236,8 +222,8 @@ def test_topology_changes_inside_one_jitted_loop_without_recompiling():
         assert (m.sum(axis=1) == per_col).all() and (s == 0 or (m != np.asarray(masks[0])).any())
         m_LxKxN = jnp.asarray(np.kron(m, np.ones((b, b))))
         value, g = jax.value_and_grad(dense_loss)(w_cur, m_LxKxN)
-        _close(values[s], value, jnp.float32, f"loss step {s}")
-        _close(grads[s], g, jnp.float32, f"grad step {s}")
+        assert_close(values[s], value, jnp.float32, f"loss step {s}")
+        assert_close(grads[s], g, jnp.float32, f"grad step {s}")
         w_cur = w_cur - 0.01 * g
 
 
@@ -262,13 +248,13 @@ def test_frozen_topology_matches_oracle_with_static_slices():
         )
         return (y, *vjp(ct))
 
-    want = _oracle(x, w, mask, 16, ct)
+    want = block_oracle(x, w, mask, 16, ct)
     for got in (
         jax.jit(run)(x, w, ct),
         jax.jit(run, static_argnums=(3, 4))(x, w, ct, "pallas_gpu", True),
     ):
         for name, g, r in zip(("y", "dx", "dw"), got, want):
-            _close(g, r, jnp.float32, f"frozen {name}")
+            assert_close(g, r, jnp.float32, f"frozen {name}")
     jaxpr = str(jax.make_jaxpr(run)(x, w, ct))
     assert "gather" not in jaxpr and "scatter" not in jaxpr and "while" not in jaxpr
     with pytest.raises(ValueError, match="frozen=True"):
@@ -297,7 +283,7 @@ def _stub_backend(calls):
     return kernels.MatmulBackend(*(delegate(n) for n in ("matmul", "matmul_t", "sddmm")))
 
 
-def test_registered_backend_matches_dense_masked_oracle(monkeypatch):
+def test_registered_backend_matches_dense_maskedblock_oracle(monkeypatch):
     """``register_backend`` makes an outside backend selectable by name (and by "auto" via
     the environment variable); values and both gradients match ``x @ (w * expand(mask))``."""
     rng = np.random.default_rng(8)
@@ -317,7 +303,7 @@ def test_registered_backend_matches_dense_masked_oracle(monkeypatch):
             f = lambda x, w: kernels.block_sparse_matmul(x, w, meta, backend=backend)
             y, vjp_got = jax.vjp(f, x, w)
             for name, g, r in zip(("y", "dx", "dw"), (y, *vjp_got(ct)), want):
-                _close(g, r, jnp.float32, f"registered {backend} {name}")
+                assert_close(g, r, jnp.float32, f"registered {backend} {name}")
             assert sorted(set(calls)) == ["matmul", "matmul_t", "sddmm"]
             calls.clear()
     finally:
@@ -398,8 +384,8 @@ def test_pallas_tpu_under_the_tpu_semantics_interpreter():
         y, vjp = jax.vjp(f, x, w)
         return (y, *vjp(ct))
 
-    for name, g, r in zip(("y", "dx", "dw"), run(x, w, ct), _oracle(x, w, mask, 16, ct)):
-        _close(g, r, jnp.float32, f"tpu interpreter {name}")
+    for name, g, r in zip(("y", "dx", "dw"), run(x, w, ct), block_oracle(x, w, mask, 16, ct)):
+        assert_close(g, r, jnp.float32, f"tpu interpreter {name}")
 
 
 def test_mixed_dtypes_promote_and_gradients_keep_input_dtypes():
@@ -410,4 +396,4 @@ def test_mixed_dtypes_promote_and_gradients_keep_input_dtypes():
     y, vjp = jax.vjp(lambda x, w: kernels.block_sparse_matmul(x, w, meta), x, w)
     dx, dw = vjp(jnp.ones_like(y))
     assert (y.dtype, dx.dtype, dw.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
-    _close(y, _oracle(x, w, np.array([[1, 0], [1, 1]]), 16, y)[0], jnp.float32, "y")
+    assert_close(y, block_oracle(x, w, np.array([[1, 0], [1, 1]]), 16, y)[0], jnp.float32, "y")
