@@ -10,7 +10,8 @@ behaviour and compare the two JSON files::
     ... change the code ...
     python benchmarks/fixed_seed_losses.py --out /tmp/after.json --compare /tmp/before.json
 
-``--compare`` exits non-zero and lists the arms whose numbers differ.
+``--compare`` exits non-zero and lists the arms whose numbers differ, or that the earlier
+file does not have.
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ def run_arm(name: str, overrides, workdir: str) -> dict:
             "param_abs_sum": checksum, "flops": float(result["state"].flops)}
 
 
+def compare(out: dict, before: dict, name: str = "the earlier file") -> tuple[str, bool]:
+    """``(report, ok)``: each arm of ``out`` against ``before``; an arm that ``before`` lacks
+    is reported missing (and is not ok: nothing shows it unchanged)."""
+    lines, differ, missing = [], 0, 0
+    for n, arm in out.items():
+        if n not in before:
+            missing += 1
+            lines.append(f"MISSING {n}: not in {name}, nothing to compare it with")
+        elif arm != before[n]:
+            differ += 1
+            first = next((i for i, (a, b) in enumerate(zip(arm["loss"], before[n]["loss"]))
+                          if a != b), None)
+            lines.append(f"DIFFERS {n}: first differing step {first}; val "
+                         f"{before[n]['val_loss']!r} -> {arm['val_loss']!r}")
+    same = len(out) - differ - missing
+    lines.append(f"{same} identical, {differ} differ, {missing} missing from the comparison")
+    return "\n".join(lines), not (differ or missing)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="", help="write the JSON here (default: stdout)")
@@ -91,14 +111,9 @@ def main(argv=None) -> int:
     if args.compare:
         with open(args.compare) as f:
             before = json.load(f)
-        differ = [n for n in out if n in before and out[n] != before[n]]
-        for n in differ:
-            first = next((i for i, (a, b) in enumerate(zip(out[n]["loss"], before[n]["loss"]))
-                          if a != b), None)
-            print(f"DIFFERS {n}: first differing step {first}; val {before[n]['val_loss']!r}"
-                  f" -> {out[n]['val_loss']!r}", file=sys.stderr)
-        print(f"{len(out) - len(differ)} identical, {len(differ)} differ", file=sys.stderr)
-        return 1 if differ else 0
+        report, ok = compare(out, before, args.compare)
+        print(report, file=sys.stderr)
+        return 0 if ok else 1
     return 0
 
 
