@@ -12,7 +12,11 @@ A shape is ``LAYERSxD_MODEL:SEQ:BATCH`` (heads = d_model / 64, at least 2; byte 
 ``--preset`` takes a preset of ``sparse_gpt/config.py`` instead. Arms (each the same model,
 ``trainer.make_steps`` as ``train.py`` builds it, one fixed random batch):
 
-    plain          a minimal Flax GPT of the same shape (no masks, no bookkeeping): the floor
+    plain          a minimal Flax GPT of the same shape (no masks, no bookkeeping)
+    floor          static 87.5% on a stand-in kernel whose products cost nothing (each
+                   output a broadcast of its input's row means): the rest of the step, below
+                   which no sparse arm can go. ``dense / floor`` is the ceiling of any
+                   speed-up from the sparse layers
     dense          method=dense
     masked75       static 75%, column-balanced blocks, the dense masked product
     static75/87.5  the SambaNova recipe (sparse_pretrain.py's block size) on the block kernels
@@ -27,7 +31,10 @@ After compiling and two warm-up steps per arm, ``--steps`` rounds time one step 
 in turn (A, B, C, A, B, C, ...) and each arm's median is reported. Steps where the method
 changes its topology (``update_every=10``) are timed apart, in the ``update ms`` column.
 Columns: ms/step, speed-up (dense ms / arm ms), the FLOP limit (dense / arm step FLOPs,
-``sparse_gpt/flops.py``) and the share of the limit reached (speed-up / limit).
+``sparse_gpt/flops.py``) and the share of the limit reached (speed-up / limit). With the
+``floor`` arm, two more: the time the arm spends above the floor (its sparse layers' products
+and their bookkeeping; dense's is its dense products) and the speed-up of that part over
+dense's, beside its own FLOP limit (1 / density of the sparse layers).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from sparse_gpt.configs import sparse_pretrain  # noqa: E402
 from sparse_gpt.training import step as train_lib, trainer  # noqa: E402
 
 SHAPES = ("4x128:128:16", "4x512:256:8")
-ARMS = ("plain", "dense", "masked75", "static75", "static87.5", "set75", "rigl75", "gmp75",
+ARMS = ("plain", "floor", "dense", "masked75", "static75", "static87.5", "set75", "rigl75", "gmp75",
         "mst-warmup", "mst-ultra", "mst-restore", "compact-static75", "compact-static87.5",
         "compact-set75", "compact-rigl75")
 NUM_STEPS = 1000            # the schedules' horizon (update_end = 750, MST phases inside)
@@ -76,6 +83,9 @@ def arm_overrides(arm: str, d: int) -> tuple[dict, int]:
         return {**over, "model.sparse_storage": "compact"}, start
     if arm == "dense":
         return {}, 0
+    if arm == "floor":
+        over, start = arm_overrides("static87.5", d)
+        return {**over, "model.kernel_backend": FREE_BACKEND}, start
     if arm.startswith(("masked", "static")):
         density = 1 - float(arm.removeprefix("masked").removeprefix("static")) / 100
         return {"sparsity.method": "static", **_blocks(d, density, arm.startswith("static"))}, 0
@@ -88,6 +98,28 @@ def arm_overrides(arm: str, d: int) -> tuple[dict, int]:
         # update window [0, 750]: warm-up to 187, ultra-sparse to 562, restoration to 750.
         return mst, {"mst-warmup": 100, "mst-ultra": 300, "mst-restore": 680}[arm]
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+
+FREE_BACKEND = "step_speed_free"
+
+
+def _row_mean(a_MxK: jax.Array, n: int, out_dtype) -> jax.Array:
+    # Reads all of its input, so nothing upstream is dead code, and writes [M, n].
+    return jnp.broadcast_to(jnp.mean(a_MxK, axis=1, keepdims=True), (a_MxK.shape[0], n)
+                            ).astype(out_dtype)
+
+
+def _register_free_backend() -> None:
+    """The ``floor`` arm's kernel: the three block products as (nearly) free stand-ins."""
+    import kernels
+
+    if FREE_BACKEND in kernels.available_backends():
+        return
+    kernels.register_backend(FREE_BACKEND, kernels.MatmulBackend(
+        matmul=lambda x, w, meta, dt: _row_mean(x, w.shape[1], dt),
+        matmul_t=lambda dy, w, meta, dt: _row_mean(dy, w.shape[0], dt),
+        sddmm=lambda x, dy, meta, dt: jnp.zeros(meta.shape, dt) + (x[0, 0] * dy[0, 0]).astype(dt),
+    ))
 
 
 def base_config(shape: str | None, preset: str | None, batch: int | None, seq: int | None):
@@ -155,6 +187,8 @@ def make_arm(arm: str, c0, batch):
     if arm == "plain":
         step, state = plain_arm(c0, batch)
         return step, state, (lambda s: False), None
+    if arm == "floor":
+        _register_free_backend()
     c = c0.copy_and_resolve_references()
     over, start = arm_overrides(arm, c.model.d_model)
     for k, v in over.items():
@@ -169,7 +203,11 @@ def make_arm(arm: str, c0, batch):
             start -= 1
         state, _ = steps.train_step(state.replace(step=jnp.asarray(start, jnp.int32)), batch)
     b, seq_len = batch["inputs"].shape
-    flops = flops_lib.step_flops(model.cfg, jax.device_get(state.masks), b, seq_len)
+    masks = jax.device_get(state.masks)
+    flops = flops_lib.step_flops(model.cfg, masks, b, seq_len)
+    flops["density"] = float(flops_lib.density(masks, model.cfg))
+    if arm == "floor":
+        flops = None                    # a stand-in's FLOPs are not a limit of anything
     return steps.train_step, state, (lambda s: bool(method.is_update_step(s))), flops
 
 
@@ -201,16 +239,32 @@ def run_shape(label: str, c0, arms: list[str], rounds: int) -> str:
             built[arm][1] = state
     med = {a: statistics.median(v) for a, v in plain_ms.items() if v}
     ref = "dense" if "dense" in med else arms[0]
-    rows = [f"\n### {label}\n", "| arm | ms/step | update ms | speed-up | FLOP limit | "
-            "share of limit |", "|---|---|---|---|---|---|"]
+    floor = med.get("floor") if ref == "dense" else None
+    head = "| arm | ms/step | update ms | speed-up | FLOP limit | share of limit |"
+    if floor:
+        head += " above floor ms | its speed-up (limit) |"
+    rows = [f"\n### {label}\n", head, "|" + "---|" * (head.count("|") - 1)]
     for arm in arms:
         f = built[arm][3]
         limit = float(f["dense"] / f["sparse"]) if f is not None else None
         speed = med[ref] / med[arm]
         upd = (f"{statistics.median(update_ms[arm]):.1f} ({len(update_ms[arm])})"
                if update_ms[arm] else "-")
-        rows.append(f"| {arm} | {med[arm]:.1f} | {upd} | {speed:.2f}x | "
-                    + (f"{limit:.2f}x | {speed / limit:.2f} |" if limit else "- | - |"))
+        row = (f"| {arm} | {med[arm]:.1f} | {upd} | {speed:.2f}x | "
+               + (f"{limit:.2f}x | {speed / limit:.2f} |" if limit else "- | - |"))
+        if floor:
+            above = med[arm] - floor
+            if arm in ("floor", "plain"):
+                row += " - | - |"
+            elif arm == "dense" or f is None or above <= 0:
+                row += f" {above:.1f} | - |"
+            else:
+                row += (f" {above:.1f} | {(med['dense'] - floor) / above:.2f}x "
+                        f"({1 / f['density']:.2f}x) |")
+        rows.append(row)
+    if floor:
+        rows.append(f"\nCeiling (dense / floor: the speed-up if the sparse layers' products "
+                    f"cost nothing): {med['dense'] / floor:.2f}x.")
     return "\n".join(rows)
 
 
@@ -227,7 +281,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.smoke:
         a.shapes, a.preset, a.batch, a.seq, a.steps = "2x128:32:2", None, None, None, 2
-        a.arms = a.arms or "dense,static87.5,rigl75"
+        a.arms = a.arms or "dense,floor,static87.5,rigl75"
     a.arms = a.arms or ",".join(ARMS)
     shapes = [None] if a.preset else a.shapes.split(",")
     arms = a.arms.split(",")
