@@ -37,9 +37,12 @@ FAMILY = [(p, s) for p in config_lib.PRESETS for s in sparse_pretrain.SPARSITIES
 
 
 def family_config(corpus, arg="tiny,87.5", **overrides):
-    """A family config shrunk by helpers.small_config (width kept at 128: 1/8 of 8 blocks)."""
+    """A family config shrunk by helpers.small_config (width kept at 128: 1/8 of 8 blocks),
+    in the dense layout: these tests read masks and weights as ``[L, K, N]`` arrays (the
+    recipe's compact layout equals it bit for bit: tests/test_compact.py)."""
     return small_config(corpus, base=sparse_pretrain.get_config(arg),
-                        **{"model.d_model": 128, "model.n_heads": 4, **overrides})
+                        **{"model.d_model": 128, "model.n_heads": 4,
+                           "model.sparse_storage": "dense", **overrides})
 
 
 def override(config, **items):
@@ -52,26 +55,38 @@ def override(config, **items):
 def test_every_preset_builds_block_sparse_masks_of_the_configured_density(preset, sparsity):
     c = cli.load_config(f"{FAMILY_FILE}:{preset},{sparsity}")
     density = 1 - float(sparsity) / 100
-    model, tx, method = train_lib.build(plan_lib.from_config(c))
-    state = jax.eval_shape(lambda r: train_lib.init_state(plan_lib.from_config(c), model, tx, method, r),
+    plan = plan_lib.from_config(c)
+    model, tx, method = train_lib.build(plan)
+    state = jax.eval_shape(lambda r: train_lib.init_state(plan, model, tx, method, r),
                            jax.random.key(0))
     masks, params = masks_lib.flatten(state.masks), masks_lib.flatten(state.params)
     # The four projections are sparse; embeddings, LayerNorms and the tied head are dense.
     assert sorted(masks) == sorted(model_lib.KERNELS)
     assert {"wte/embedding", "ln_f/scale"} <= set(params) - set(masks)
-    for path, m in masks.items():
-        assert m.dtype == jnp.bool_ and m.shape == params[path].shape
-    # Each output block column keeps exactly density x Kb blocks: the kernel's budget.
     b = c.sparsity.block_size
-    assert (c.model.matmul, c.sparsity.method, c.sparsity.structure,
-            c.sparsity.block_balance) == ("block_sparse", "static", "block", "column")
-    assert model.cfg.block_density == plan_lib.from_config(c).model.block_density == density
-    for path, target in method.target_densities(state.masks).items():
-        _, k, n = masks[path].shape
-        units = method.settings.structure.units(masks[path].shape)
-        assert target == density and units == k // b
+    assert (c.model.matmul, c.sparsity.method, c.sparsity.structure, c.sparsity.block_balance,
+            c.model.sparse_storage) == ("block_sparse", "static", "block", "column", "compact")
+    assert model.cfg.block_density == plan.model.block_density == density
+    # Stored compact: each output block column holds exactly density x Kb live blocks (the
+    # kernel's budget), as blocks [L, Nb, T, B, B] and their int32 K-block index [L, Nb, T].
+    shapes = plan.model.kernel_shapes()
+    for path, m in masks.items():
+        n_layers, k, n = shapes[path]
+        t = round(density * (k // b))
+        assert m.dtype == jnp.int32 and m.shape == (n_layers, n // b, t), path
+        assert params[path].shape == (n_layers, n // b, t, b, b), path
+        assert kernels.block_budget(k, n, b, density).max_per_col == t
+    # The dense layout of the same recipe: bool masks of the weights' shape, the same density.
+    dense = plan_lib.from_config(override(c.copy_and_resolve_references(),
+                                          model__sparse_storage="dense"))
+    dense_state = jax.eval_shape(
+        lambda r: train_lib.init_state(dense, *train_lib.build(dense), r), jax.random.key(0))
+    for path, m in masks_lib.flatten(dense_state.masks).items():
+        assert m.dtype == jnp.bool_ and m.shape == shapes[path], path
+    for path, target in method.target_densities(dense_state.masks).items():
+        units = method.settings.structure.units(shapes[path])
+        assert target == density and units == shapes[path][1] // b
         assert masks_lib.n_keep(target, units) == density * units
-        assert kernels.block_budget(k, n, b, density).max_per_col == density * units
     # The big presets pipeline their blocks over stages (8 fake devices here).
     stages = sharding.mesh_shape(c.mesh, jax.device_count())["stage"]
     assert stages == sparse_pretrain.STAGES.get(preset, (1, 0))[0]
@@ -96,7 +111,8 @@ def test_initial_masks_hold_the_density_in_every_block_column(arg):
 
 @pytest.mark.slow  # the training test below covers it through the trainer
 def test_all_live_masks_leave_the_kernel_for_the_dense_product():
-    c = override(sparse_pretrain.get_config("tiny,87.5,local"), model__n_layers=1)
+    c = override(sparse_pretrain.get_config("tiny,87.5,local"), model__n_layers=1,
+                 model__sparse_storage="dense")
     model, _, method = train_lib.build(plan_lib.from_config(c))
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 256)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
@@ -247,8 +263,9 @@ def test_dense_phase_from_a_fraction_and_the_local_variants():
 @pytest.mark.slow
 def test_pipelined_local_variant_trains_like_one_stage_through_the_dense_phase(corpus,
                                                                                tmp_path):
+    # The recipe as it ships: compact storage, densified at the switch.
     kw = {"model.n_layers": 4, "sparsity.dense_finetune_start": 3, "train.num_steps": 6,
-          "train.log_every": 1}
+          "train.log_every": 1, "model.sparse_storage": "compact"}
     staged = family_config(corpus, "gpt-1.3b,87.5,local", **kw)
     assert staged.mesh.stage == 4
     flat = family_config(corpus, "gpt-1.3b,87.5,local", **kw, **{"mesh.stage": 1})
