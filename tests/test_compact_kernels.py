@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.bsmm import pallas_gpu, pallas_tpu
+from kernels.bsmm import pallas_gpu, pallas_tpu, xla
 from tests.helpers import assert_close, compact_oracle
 
 _PALLAS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
@@ -74,6 +74,12 @@ def test_backend_matches_oracle_bf16_one_slot(backend, interpret):
     _check(backend, interpret, (24,), 64, 64, 32, 1, jnp.bfloat16, seed=2, n_index=2)
 
 
+def test_xla_column_scan_matches_oracle(monkeypatch):
+    """The shape of the fp32 test above (which takes the batched formulation), scanned."""
+    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
+    _check("xla", False, (2, 3), 64, 96, 16, 2, jnp.float32, seed=1)
+
+
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
 def test_every_block_live(backend, interpret):
     """T = Kb (xla's dense fallback); slots are a permutation of the K-blocks."""
@@ -82,7 +88,9 @@ def test_every_block_live(backend, interpret):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_xla_random_shapes(seed):
+def test_xla_random_shapes(seed, monkeypatch):
+    # Seeds 0-1 run XLA's column scan, 2-3 its batched formulation (xla._use_batched).
+    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed // 2])
     rng = np.random.default_rng(200 + seed)
     b = int(rng.choice([16, 32]))
     kb, nb = int(rng.integers(1, 6)), int(rng.integers(1, 5))

@@ -16,6 +16,7 @@ import pytest
 import kernels
 from kernels import BlockBudget
 from kernels.bsmm import reference as bsmm_reference
+from kernels.bsmm import xla
 from tests.helpers import assert_close, block_oracle
 
 BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True), ("pallas_tpu", True)]
@@ -75,12 +76,20 @@ def test_backend_matches_oracle_bf16(backend, interpret):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_xla_random_shapes(seed):
+def test_xla_random_shapes(seed, monkeypatch):
+    # Seeds 0-1 run XLA's column scan, 2-3 its batched formulation (xla._use_batched).
+    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed // 2])
     rng = np.random.default_rng(100 + seed)
     b = int(rng.choice([16, 32, 64]))
     lead = tuple(int(v) for v in rng.integers(1, 7, size=int(rng.integers(1, 3))))
     k, n = b * int(rng.integers(1, 5)), b * int(rng.integers(1, 5))
     _check_backend("xla", False, lead, k, n, b, jnp.float32, seed, full_budget=seed % 2 == 1)
+
+
+def test_xla_column_scan_matches_oracle(monkeypatch):
+    """The shape of the fp32 test above (which takes the batched formulation), scanned."""
+    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
+    _check_backend("xla", False, (2, 5), 48, 64, 16, jnp.float32, seed=1)
 
 
 def test_make_block_meta_hand_computed():

@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels.bsmm import pallas_gpu, pallas_tpu, reference, xla
+from kernels.bsmm import pallas_gpu, pallas_tpu, reference, xla, xla_frozen
 from kernels.bsmm.compact import CompactMeta, make_compact_meta
 from kernels.bsmm.meta import BlockMeta, FrozenBlockMeta, check_divisible
 from kernels.common import Registry, bind_interpret, check_block_size
@@ -104,9 +104,11 @@ def _of(mod, **kw) -> MatmulBackend:
     return MatmulBackend(mod.matmul, mod.matmul_t, mod.sddmm, compact=compact, **kw)
 
 
-_XLA_FROZEN = MatmulBackend(xla.frozen_matmul, xla.frozen_matmul_t, xla.frozen_sddmm)
+_XLA_FROZEN = MatmulBackend(xla_frozen.frozen_matmul, xla_frozen.frozen_matmul_t,
+                            xla_frozen.frozen_sddmm)
 _XLA = _of(xla, frozen=_XLA_FROZEN)
-_XLA = _XLA._replace(compact=_XLA.compact._replace(frozen=_compact_of(xla, "frozen_compact_")))
+_XLA = _XLA._replace(compact=_XLA.compact._replace(
+    frozen=_compact_of(xla_frozen, "frozen_compact_")))
 _REGISTRY.register("pallas_gpu", _of(pallas_gpu, takes_interpret=True), builtin=True)
 _REGISTRY.register("pallas_tpu", _of(pallas_tpu, takes_interpret=True), builtin=True)
 _REGISTRY.register("xla", _XLA, builtin=True)
