@@ -74,10 +74,14 @@ def test_backend_matches_oracle_bf16_one_slot(backend, interpret):
     _check(backend, interpret, (24,), 64, 64, 32, 1, jnp.bfloat16, seed=2, n_index=2)
 
 
-def test_xla_column_scan_matches_oracle(monkeypatch):
-    """The shape of the fp32 test above (which takes the batched formulation), scanned."""
+@pytest.mark.parametrize("dtype, t", [(jnp.float32, 2), (jnp.bfloat16, 1)])
+def test_xla_column_scan_matches_oracle(dtype, t, monkeypatch):
+    """The shapes of the two tests above (which take the batched formulation), scanned."""
     monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
-    _check("xla", False, (2, 3), 64, 96, 16, 2, jnp.float32, seed=1)
+    if t == 2:
+        _check("xla", False, (2, 3), 64, 96, 16, 2, dtype, seed=1)
+    else:
+        _check("xla", False, (24,), 64, 64, 32, 1, dtype, seed=2, n_index=2)
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
@@ -89,8 +93,8 @@ def test_every_block_live(backend, interpret):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_xla_random_shapes(seed, monkeypatch):
-    # Seeds 0-1 run XLA's column scan, 2-3 its batched formulation (xla._use_batched).
-    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed // 2])
+    # Even seeds run XLA's column scan, odd ones its batched formulation (xla._use_batched).
+    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed % 2])
     rng = np.random.default_rng(200 + seed)
     b = int(rng.choice([16, 32]))
     kb, nb = int(rng.integers(1, 6)), int(rng.integers(1, 5))

@@ -19,7 +19,17 @@ from kernels.bsmm import reference as bsmm_reference
 from kernels.bsmm import xla
 from tests.helpers import assert_close, block_oracle
 
-BACKENDS = [("xla", False), ("reference", False), ("pallas_gpu", True), ("pallas_tpu", True)]
+BACKENDS = [("xla", False), ("xla-scan", False), ("reference", False), ("pallas_gpu", True),
+            ("pallas_tpu", True)]
+
+
+def _formulation(backend, monkeypatch):
+    """``"xla-scan"``: the xla backend forced onto its column scan (small test shapes take its
+    batched formulation otherwise, kernels/bsmm/xla.py ``_use_batched``)."""
+    if backend == "xla-scan":
+        monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
+        return "xla"
+    return backend
 
 
 def _masks(kb, nb, rng):
@@ -66,30 +76,27 @@ def _check_backend(backend, interpret, lead, k, n, b, dtype, seed, full_budget=F
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
-def test_backend_matches_oracle_fp32(backend, interpret):
-    _check_backend(backend, interpret, (2, 5), 48, 64, 16, jnp.float32, seed=1)
+def test_backend_matches_oracle_fp32(backend, interpret, monkeypatch):
+    _check_backend(_formulation(backend, monkeypatch), interpret, (2, 5), 48, 64, 16,
+                   jnp.float32, seed=1)
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
-def test_backend_matches_oracle_bf16(backend, interpret):
-    _check_backend(backend, interpret, (24,), 64, 96, 32, jnp.bfloat16, seed=2)
+def test_backend_matches_oracle_bf16(backend, interpret, monkeypatch):
+    _check_backend(_formulation(backend, monkeypatch), interpret, (24,), 64, 96, 32,
+                   jnp.bfloat16, seed=2)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_xla_random_shapes(seed, monkeypatch):
-    # Seeds 0-1 run XLA's column scan, 2-3 its batched formulation (xla._use_batched).
-    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed // 2])
+    # Even seeds run XLA's column scan, odd ones its batched formulation; seeds 2-3 give a
+    # full budget (the dense fallback), 0-1 one block short of it (Kb >= 2, so the core runs).
+    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed % 2])
     rng = np.random.default_rng(100 + seed)
     b = int(rng.choice([16, 32, 64]))
     lead = tuple(int(v) for v in rng.integers(1, 7, size=int(rng.integers(1, 3))))
-    k, n = b * int(rng.integers(1, 5)), b * int(rng.integers(1, 5))
-    _check_backend("xla", False, lead, k, n, b, jnp.float32, seed, full_budget=seed % 2 == 1)
-
-
-def test_xla_column_scan_matches_oracle(monkeypatch):
-    """The shape of the fp32 test above (which takes the batched formulation), scanned."""
-    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
-    _check_backend("xla", False, (2, 5), 48, 64, 16, jnp.float32, seed=1)
+    k, n = b * int(rng.integers(2, 5)), b * int(rng.integers(1, 5))
+    _check_backend("xla", False, lead, k, n, b, jnp.float32, seed, full_budget=seed // 2 == 1)
 
 
 def test_make_block_meta_hand_computed():

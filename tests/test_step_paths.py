@@ -248,12 +248,19 @@ def test_chunked_causal_attention_matches_the_softmax_formula(seq_len):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method, storage", [("set", "dense"), ("set", "compact")])
-def test_kernels_outside_sparse_layers_take_the_plain_product(method, storage):
+@pytest.mark.parametrize("method, storage, core", [("set", "dense", "batched"),
+                                                   ("set", "compact", "batched"),
+                                                   ("set", "compact", "scan")])
+def test_kernels_outside_sparse_layers_take_the_plain_product(method, storage, core,
+                                                              monkeypatch):
     """With sparse_layers=mlp/*, the all-live attention kernels must not go through a block
-    budget sized for the sparse ones (it held 1 of 4 K-blocks and dropped the rest)."""
+    budget sized for the sparse ones (it held 1 of 4 K-blocks and dropped the rest). ``core``:
+    the XLA kernels' formulation (this shape takes the batched one unless forced)."""
     import dataclasses
+    from kernels.bsmm import xla
     from sparse_gpt.model import compact, gpt
+    if core == "scan":
+        monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
     c = config(**{"sparsity.method": method, "sparsity.sparse_layers": "mlp/*",
                   "model.sparse_storage": storage})
     p = plan_lib.from_config(c)

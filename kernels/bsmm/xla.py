@@ -14,26 +14,31 @@ Traced metadata (``BlockMeta``): everything is driven by the column view, one
 Why this shape: on CPU the work must be a few large GEMMs. Gathering all (column, block)
 pairs at once materialises a ``d * M * N * K / B`` intermediate and was slower than dense up
 to 75% sparsity; one GEMM per output column keeps the gathered slab at ``d * M * K`` and the
-GEMM's inner dimension at ``T * B``. Small shapes are the exception: there each scan step's
-GEMM is too small to pay for the step, so a gathered slab of at most 8 MB takes the batched
-formulation instead (one gather of x's blocks, batch-major ``[Nb, M, T*B]``, one batched
-GEMM; dX adds the slots into their K-blocks by a one-hot GEMM). Fwd + bwd of one layer's four
-kernels, M=2048, 2-core CPU: d_model 128 at 75% / 87.5% scan 30.4 / 26.8 ms, batched 23.1 /
-18.2 ms; d_model 512 scan 118 / 135 ms, batched 169 / 161 ms. dX reuses the column view (a scatter-add of T blocks per
+GEMM's inner dimension at ``T * B``. dX reuses the column view (a scatter-add of T blocks per
 step) instead of the row view because the row budget is usually loose (R = Nb by default)
 and XLA cannot skip padded entries, while the column budget is tight by construction.
-Padding entries get a zero weight block (forward, dX) or a zeroed dW block written before
-the real ones (dW), so they contribute nothing. A full column budget (T == Kb) falls back
-to the dense masked products, which are faster than gathering every block (0.5x dense).
+
+Small shapes are the exception: there each scan step's GEMM is too small to pay for the
+step, so a gathered slab of at most 8 MB (and Kb <= 2B) takes the batched formulation of the
+same products instead: one gather of x's blocks, batch-major ``[Nb, M, T*B]``, one batched
+GEMM; dX adds each slot's block into its K-block by a one-hot GEMM (at most 2x the product's
+FLOPs). Fwd + bwd of one layer's four kernels, M=2048, 2-core CPU: d_model 128 at 75% /
+87.5%, scan 30.4 / 26.8 ms, batched 23.1 / 18.2 ms; d_model 512, scan 118 / 135 ms,
+batched 169 / 161 ms.
+
+Padding entries (a column with fewer than T blocks) repeat a real K-block; their weight
+block is zero (forward, dX) and their dW block is dropped when dW is densified, so they
+contribute nothing. A full column budget (T == Kb) falls back to the dense masked products,
+which are faster than gathering every block (0.5x dense).
 
 Frozen metadata (``FrozenBlockMeta``): the mask is Python data, so the same products are
 written with static slices (kernels/bsmm/xla_frozen.py).
 
 Compact layout (kernels/bsmm/compact.py: ``blocks_NbxTxBxB`` + ``kidx_NbxT``, every slot
-live): the column scan above is the core of both layouts. The dense layout gathers W's
+live): the core above (scan or batched) serves both layouts. The dense layout gathers W's
 blocks into ``[Nb, T*B, B]`` (padding zeroed) and scatters dW's per-column output back into
 ``[K, N]``; the compact layout hands its blocks to the same scan as a reshape (no gather of
-W) and its dblocks are the scan's per-column ``[T*B, B]`` output reshaped to
+W) and its dblocks are the core's per-column ``[T*B, B]`` output reshaped to
 ``[Nb, T, B, B]`` (no dense dW).
 """
 
@@ -73,11 +78,12 @@ def _full_budget(meta: BlockMeta) -> bool:
 # picks per shape.
 
 
-def _use_batched(m: int, kidx_NbxT, b: int) -> bool:
+def _use_batched(m: int, k: int, kidx_NbxT, b: int) -> bool:
     """Whether the batched formulation runs: when its gathered ``[Nb, M, T*B]`` slab is small
-    (at most _BATCHED_MAX_BYTES of fp32), the scan's per-step cost would dominate."""
+    (at most _BATCHED_MAX_BYTES of fp32), the scan's per-step cost would dominate; and
+    Kb <= 2B, so that dX's one-hot GEMM costs at most twice the product."""
     nb, t = kidx_NbxT.shape
-    return 4 * m * nb * t * b <= _BATCHED_MAX_BYTES
+    return 4 * m * nb * t * b <= _BATCHED_MAX_BYTES and k // b <= 2 * b
 
 
 _BATCHED_MAX_BYTES = 8 << 20
@@ -109,7 +115,8 @@ _BATCH_TN = (((1,), (1,)), ((0,), (0,)))    # [n, m, k] x [n, m, c] -> [n, k, c]
 def _batched_matmul(x_MxK, w_NbxTBxB, kidx_NbxT, b: int, out_dtype) -> jax.Array:
     y_NbxMxB = lax.dot_general(_x_blocks(x_MxK, kidx_NbxT, b), w_NbxTBxB, _BATCH_NN,
                                preferred_element_type=_F32)
-    return y_NbxMxB.transpose(1, 0, 2).reshape(x_MxK.shape[0], -1).astype(out_dtype)
+    m, nb = x_MxK.shape[0], kidx_NbxT.shape[0]
+    return y_NbxMxB.transpose(1, 0, 2).reshape(m, nb * b).astype(out_dtype)
 
 
 def _batched_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -> jax.Array:
@@ -119,9 +126,10 @@ def _batched_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -
                                 preferred_element_type=_F32)
     c_NbTxMB = c_NbxMxTB.reshape(nb, m, t, b).transpose(0, 2, 1, 3).reshape(nb * t, m * b)
     # Each (column, slot) block adds into its K-block: a one-hot GEMM over the Nb*T slots
-    # (XLA:CPU's scatter-add was slower).
+    # (XLA:CPU's scatter-add was slower); HIGHEST keeps the fp32 partials unrounded on TPU.
     onehot_KbxNbT = (jnp.arange(k // b)[:, None] == kidx_NbxT.reshape(-1)[None, :]).astype(_F32)
-    dx_KbxMB = jnp.dot(onehot_KbxNbT, c_NbTxMB, preferred_element_type=_F32)
+    dx_KbxMB = jnp.dot(onehot_KbxNbT, c_NbTxMB, precision=lax.Precision.HIGHEST,
+                       preferred_element_type=_F32)
     return dx_KbxMB.reshape(k // b, m, b).transpose(1, 0, 2).reshape(m, k).astype(out_dtype)
 
 
@@ -142,7 +150,7 @@ def _cols_matmul(x_MxK, w_NbxTBxB, kidx_NbxT, b: int, out_dtype) -> jax.Array:
     """``y[:, j] = x[:, kidx[j]] @ w[j]``, one GEMM per output block column: ``[M, N]``."""
     m = x_MxK.shape[0]
     nb = kidx_NbxT.shape[0]
-    if _use_batched(m, kidx_NbxT, b):
+    if _use_batched(m, x_MxK.shape[1], kidx_NbxT, b):
         return _batched_matmul(x_MxK, w_NbxTBxB, kidx_NbxT, b, out_dtype)
 
     def column(y_MxN, j_kidx_w):
@@ -160,7 +168,7 @@ def _cols_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -> j
     """``dX[:, kidx[j]] += dY[:, j] @ w[j]^T`` scatter-added over the columns: ``[M, K]``."""
     m = dy_MxN.shape[0]
     nb, t = kidx_NbxT.shape
-    if _use_batched(m, kidx_NbxT, b):
+    if _use_batched(m, k, kidx_NbxT, b):
         return _batched_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b, k, out_dtype)
 
     def column(dx_MxK, j_kidx_w):
@@ -183,7 +191,7 @@ def _cols_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -> j
 def _cols_sddmm(x_MxK, dy_MxN, kidx_NbxT, b: int, out_dtype) -> jax.Array:
     """``x[:, kidx[j]]^T @ dY[:, j]`` per output block column: ``[Nb, T*B, B]``."""
     nb = kidx_NbxT.shape[0]
-    if _use_batched(x_MxK.shape[0], kidx_NbxT, b):
+    if _use_batched(*x_MxK.shape, kidx_NbxT, b):
         return _batched_sddmm(x_MxK, dy_MxN, kidx_NbxT, b, out_dtype)
 
     def column(_, j_kidx):

@@ -22,8 +22,6 @@ _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # dot_general dims of a @ b^T
 
 
-
-
 def _runs(blocks: tuple[int, ...]) -> list[tuple[int, int]]:
     """Sorted block ids -> maximal contiguous [start, stop) runs, so slices coalesce."""
     out: list[tuple[int, int]] = []
