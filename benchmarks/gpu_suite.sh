@@ -13,7 +13,7 @@
 #                values and gradients, fp32 and bf16 -> pallas_check.md
 #   bsmm_bench   benchmarks/block_sparse_matmul.py at M=16384 K=N=4096 B=128, densities
 #                1.0,0.25,0.125,0.1, bf16 -> block_sparse_matmul.txt
-#   step_speed   benchmarks/step_speed.py, gpt2-small dense vs sparse_pretrain 87.5% (and the floor)
+#   step_speed   benchmarks/step_speed.py, gpt2-small dense vs sparse_pretrain 87.5% (both layouts)
 #                -> step_speed.md (reported as skipped if the script does not exist)
 # A failing step does not stop the next one. The output folder is $OUT if set, else
 # benchmarks/results/gpu_<date>/ (smoke: $TMPDIR/gpu_suite_smoke_<date>/); it gets one
@@ -155,7 +155,7 @@ if [ "$PREFLIGHT_OK" = 1 ]; then
       --out "$OUT_DIR/step_speed.md"
   else
     run_step step_speed "$T_STEP" "$PY" benchmarks/step_speed.py --preset gpt2-small \
-      --arms dense,floor,static87.5 --steps "${SUITE_STEPS:-10}" --batch 8 --seq 1024 \
+      --arms dense,static87.5,compact-static87.5 --steps "${SUITE_STEPS:-10}" --batch 8 --seq 1024 \
       --out "$OUT_DIR/step_speed.md"
   fi
 else

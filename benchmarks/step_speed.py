@@ -14,18 +14,21 @@ A shape is ``LAYERSxD_MODEL:SEQ:BATCH`` (heads = d_model / 64, at least 2; byte 
 
     plain          a minimal Flax GPT of the same shape (no masks, no bookkeeping)
     floor          static 87.5% on a stand-in kernel whose products cost nothing (each
-                   output a broadcast of its input's row means): the rest of the step, below
-                   which no sparse arm can go. ``dense / floor`` is the ceiling of any
-                   speed-up from the sparse layers
+                   output a broadcast of its input's row means; W is not read, dW not
+                   written): the rest of the step, below which no arm of the same storage
+                   can go. ``dense / floor`` bounds any speed-up from the sparse products
     dense          method=dense
     masked75       static 75%, column-balanced blocks, the dense masked product
-    static75/87.5  the SambaNova recipe (sparse_pretrain.py's block size) on the block kernels
+    static75/87.5  the SambaNova recipe's sparsity and block size (sparse_pretrain.py) on the
+                   block kernels, in the dense layout (the recipe as shipped: compact-ARM)
     set75 rigl75 gmp75   75%, column-balanced blocks on the block kernels; GMP timed at its
                    final density (after update_end)
     mst-warmup mst-ultra mst-restore   MST (ultra-sparse 87.5%, final 75%, blocks, kernels)
                    timed inside each phase
-    compact-ARM    ARM (static75, static87.5, set75, rigl75) with model.sparse_storage=compact:
-                   only the live blocks stored, read by the kernels as they are
+    compact-ARM    ARM (floor, static75, static87.5, set75, rigl75) with
+                   model.sparse_storage=compact: only the live blocks stored, read by the
+                   kernels as they are (so clipping and Adam touch only those); compact-floor
+                   is the floor of the compact arms
 
 After compiling and two warm-up steps per arm, ``--steps`` rounds time one step of every arm
 in turn (A, B, C, A, B, C, ...) and each arm's median is reported. Steps where the method
@@ -34,7 +37,9 @@ Columns: ms/step, speed-up (dense ms / arm ms), the FLOP limit (dense / arm step
 ``sparse_gpt/flops.py``) and the share of the limit reached (speed-up / limit). With the
 ``floor`` arm, two more: the time the arm spends above the floor (its sparse layers' products
 and their bookkeeping; dense's is its dense products) and the speed-up of that part over
-dense's, beside its own FLOP limit (1 / density of the sparse layers).
+dense's, beside its own FLOP limit (1 / density of the sparse layers); compact arms are
+measured from compact-floor when it runs. An arm that fails to build (e.g. a kernel that does
+not compile on this device) is reported as failed and the others still run.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from sparse_gpt.configs import sparse_pretrain  # noqa: E402
 from sparse_gpt.training import step as train_lib, trainer  # noqa: E402
 
 SHAPES = ("4x128:128:16", "4x512:256:8")
-ARMS = ("plain", "floor", "dense", "masked75", "static75", "static87.5", "set75", "rigl75", "gmp75",
+ARMS = ("plain", "floor", "compact-floor", "dense", "masked75", "static75", "static87.5", "set75", "rigl75", "gmp75",
         "mst-warmup", "mst-ultra", "mst-restore", "compact-static75", "compact-static87.5",
         "compact-set75", "compact-rigl75")
 NUM_STEPS = 1000            # the schedules' horizon (update_end = 750, MST phases inside)
@@ -115,10 +120,21 @@ def _register_free_backend() -> None:
 
     if FREE_BACKEND in kernels.available_backends():
         return
+    def dw(x, dy, shape, dt):
+        return jnp.zeros(shape, dt) + (x[0, 0] * dy[0, 0]).astype(dt)
+
+    def dblocks_shape(cmeta):
+        b = cmeta.block_size
+        return (cmeta.shape[1] // b, cmeta.slots, b, b)
+
     kernels.register_backend(FREE_BACKEND, kernels.MatmulBackend(
         matmul=lambda x, w, meta, dt: _row_mean(x, w.shape[1], dt),
         matmul_t=lambda dy, w, meta, dt: _row_mean(dy, w.shape[0], dt),
-        sddmm=lambda x, dy, meta, dt: jnp.zeros(meta.shape, dt) + (x[0, 0] * dy[0, 0]).astype(dt),
+        sddmm=lambda x, dy, meta, dt: dw(x, dy, meta.shape, dt),
+        compact=kernels.CompactBackend(
+            matmul=lambda x, blocks, cmeta, dt: _row_mean(x, cmeta.shape[1], dt),
+            matmul_t=lambda dy, blocks, cmeta, dt: _row_mean(dy, cmeta.shape[0], dt),
+            sddmm=lambda x, dy, cmeta, dt: dw(x, dy, dblocks_shape(cmeta), dt)),
     ))
 
 
@@ -141,7 +157,7 @@ def base_config(shape: str | None, preset: str | None, batch: int | None, seq: i
 
 
 class PlainGPT(nn.Module):
-    """A minimal pre-LayerNorm GPT of the same shape: the floor a dense step is held to."""
+    """A minimal pre-LayerNorm GPT of the same shape: what a dense step is held to."""
     vocab: int
     layers: int
     d: int
@@ -187,7 +203,7 @@ def make_arm(arm: str, c0, batch):
     if arm == "plain":
         step, state = plain_arm(c0, batch)
         return step, state, (lambda s: False), None
-    if arm == "floor":
+    if arm.endswith("floor"):
         _register_free_backend()
     c = c0.copy_and_resolve_references()
     over, start = arm_overrides(arm, c.model.d_model)
@@ -206,7 +222,7 @@ def make_arm(arm: str, c0, batch):
     masks = jax.device_get(state.masks)
     flops = flops_lib.step_flops(model.cfg, masks, b, seq_len)
     flops["density"] = float(flops_lib.density(masks, model.cfg))
-    if arm == "floor":
+    if arm.endswith("floor"):
         flops = None                    # a stand-in's FLOPs are not a limit of anything
     return steps.train_step, state, (lambda s: bool(method.is_update_step(s))), flops
 
@@ -217,19 +233,24 @@ def run_shape(label: str, c0, arms: list[str], rounds: int) -> str:
     tokens = rng.integers(0, min(c0.model.vocab_size, 256), (b, seq_len), np.int32)
     batch = {"inputs": tokens, "targets": np.roll(tokens, -1, 1),
              "weights": np.ones((b, seq_len), np.float32)}
-    built = {}
+    built, failed = {}, {}
     for arm in arms:
         t0 = time.perf_counter()
-        step, state, is_update, flops = make_arm(arm, c0, batch)
-        for _ in range(2):                               # compile, warm up
-            state, out = step(state, batch)
-            jax.block_until_ready(out)
+        try:
+            step, state, is_update, flops = make_arm(arm, c0, batch)
+            for _ in range(2):                               # compile, warm up
+                state, out = step(state, batch)
+                jax.block_until_ready(out)
+        except Exception as e:  # noqa: BLE001 -- one arm's failure must not lose the others
+            failed[arm] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            print(f"  {label} {arm}: FAILED {failed[arm]}", flush=True)
+            continue
         built[arm] = [step, state, is_update, flops]
         print(f"  {label} {arm}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    plain_ms = {a: [] for a in arms}
-    update_ms = {a: [] for a in arms}
+    plain_ms = {a: [] for a in built}
+    update_ms = {a: [] for a in built}
     for _ in range(rounds):
-        for arm in arms:
+        for arm in built:
             step, state, is_update, _ = built[arm]
             upd = arm != "plain" and is_update(int(state.step))
             t0 = time.perf_counter()
@@ -238,13 +259,18 @@ def run_shape(label: str, c0, arms: list[str], rounds: int) -> str:
             (update_ms if upd else plain_ms)[arm].append((time.perf_counter() - t0) * 1e3)
             built[arm][1] = state
     med = {a: statistics.median(v) for a, v in plain_ms.items() if v}
-    ref = "dense" if "dense" in med else arms[0]
-    floor = med.get("floor") if ref == "dense" else None
+    ref = "dense" if "dense" in med else next(iter(med), None)
+    floors = {"dense": med.get("floor"), "compact": med.get("compact-floor")}
+    if ref != "dense" or not floors["dense"]:
+        floors = {}
     head = "| arm | ms/step | update ms | speed-up | FLOP limit | share of limit |"
-    if floor:
+    if floors:
         head += " above floor ms | its speed-up (limit) |"
     rows = [f"\n### {label}\n", head, "|" + "---|" * (head.count("|") - 1)]
     for arm in arms:
+        if arm not in med:
+            rows.append(f"| {arm} | failed: {failed.get(arm, 'no plain step timed')} |")
+            continue
         f = built[arm][3]
         limit = float(f["dense"] / f["sparse"]) if f is not None else None
         speed = med[ref] / med[arm]
@@ -252,19 +278,23 @@ def run_shape(label: str, c0, arms: list[str], rounds: int) -> str:
                if update_ms[arm] else "-")
         row = (f"| {arm} | {med[arm]:.1f} | {upd} | {speed:.2f}x | "
                + (f"{limit:.2f}x | {speed / limit:.2f} |" if limit else "- | - |"))
-        if floor:
-            above = med[arm] - floor
-            if arm in ("floor", "plain"):
+        if floors:
+            floor = floors["compact" if arm.startswith("compact-") else "dense"]
+            above = med[arm] - floor if floor else None
+            if arm.endswith("floor") or arm == "plain" or above is None:
                 row += " - | - |"
             elif arm == "dense" or f is None or above <= 0:
                 row += f" {above:.1f} | - |"
             else:
-                row += (f" {above:.1f} | {(med['dense'] - floor) / above:.2f}x "
+                row += (f" {above:.1f} | {(med['dense'] - floors['dense']) / above:.2f}x "
                         f"({1 / f['density']:.2f}x) |")
         rows.append(row)
-    if floor:
+    if floors:
         rows.append(f"\nCeiling (dense / floor: the speed-up if the sparse layers' products "
-                    f"cost nothing): {med['dense'] / floor:.2f}x.")
+                    f"cost nothing): {med['dense'] / floors['dense']:.2f}x"
+                    + (f"; stored compact (dense / compact-floor): "
+                       f"{med['dense'] / floors['compact']:.2f}x" if floors["compact"] else "")
+                    + ". Compact arms' time above the floor is measured from compact-floor.")
     return "\n".join(rows)
 
 
@@ -281,7 +311,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.smoke:
         a.shapes, a.preset, a.batch, a.seq, a.steps = "2x128:32:2", None, None, None, 2
-        a.arms = a.arms or "dense,floor,static87.5,rigl75"
+        a.arms = a.arms or "dense,floor,compact-floor,static87.5,compact-static87.5,rigl75"
     a.arms = a.arms or ",".join(ARMS)
     shapes = [None] if a.preset else a.shapes.split(",")
     arms = a.arms.split(",")
