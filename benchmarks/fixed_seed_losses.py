@@ -71,19 +71,29 @@ def run_arm(name: str, overrides, workdir: str) -> dict:
 
 
 def compare(out: dict, before: dict, name: str = "the earlier file") -> tuple[str, bool]:
-    """``(report, ok)``: each arm of ``out`` against ``before``; an arm that ``before`` lacks
-    is reported missing (and is not ok: nothing shows it unchanged)."""
+    """``(report, ok)``: each arm of ``out`` against ``before``. An arm that ``before`` lacks
+    is reported missing and is not ok (nothing shows it unchanged); arms of ``before`` that
+    this run did not train are listed, and do not count against it."""
     lines, differ, missing = [], 0, 0
     for n, arm in out.items():
         if n not in before:
             missing += 1
             lines.append(f"MISSING {n}: not in {name}, nothing to compare it with")
-        elif arm != before[n]:
+        elif json.dumps(arm) != json.dumps(before[n]):     # NaN equals NaN here
             differ += 1
-            first = next((i for i, (a, b) in enumerate(zip(arm["loss"], before[n]["loss"]))
-                          if a != b), None)
-            lines.append(f"DIFFERS {n}: first differing step {first}; val "
-                         f"{before[n]['val_loss']!r} -> {arm['val_loss']!r}")
+            old = before[n]
+            first = next((i for i, (a, b) in enumerate(zip(arm["loss"], old["loss"]))
+                          if json.dumps(a) != json.dumps(b)), None)
+            fields = [k for k in sorted(set(arm) | set(old))
+                      if json.dumps(arm.get(k)) != json.dumps(old.get(k))]
+            where = (f"first differing step {first}" if first is not None
+                     else f"steps {len(old['loss'])} -> {len(arm['loss'])}"
+                     if len(arm["loss"]) != len(old["loss"]) else "losses equal")
+            lines.append(f"DIFFERS {n}: {where}; fields {', '.join(fields)}; val "
+                         f"{old['val_loss']!r} -> {arm['val_loss']!r}")
+    not_run = [n for n in before if n not in out]
+    if not_run:
+        lines.append(f"not run (in {name} only): {', '.join(not_run)}")
     same = len(out) - differ - missing
     lines.append(f"{same} identical, {differ} differ, {missing} missing from the comparison")
     return "\n".join(lines), not (differ or missing)

@@ -71,6 +71,9 @@ def main(argv=None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.steps < 2 * a.log_every:
+        raise SystemExit(f"--steps {a.steps} must be at least 2 x --log-every ({a.log_every}): "
+                         "the first logged interval holds the compilation and is dropped.")
     arms = a.arms.split(",")
     for arm in arms:
         if arm not in ARMS:
