@@ -278,8 +278,9 @@ def test_sharded_training_with_sparse_attention_matches_one_device():
     losses = []
     for data, devices in ((1, jax.devices()[:1]), (4, jax.devices()[:4])):
         c.mesh.data = data
-        model, tx, method = train_lib.build(plan_lib.from_config(c))
-        steps = trainer.make_steps(plan_lib.from_config(c), model, tx, method, sharding.make_mesh(c.mesh, devices),
+        plan = plan_lib.from_config(c, num_devices=len(devices))
+        model, tx, method = train_lib.build(plan)
+        steps = trainer.make_steps(plan, model, tx, method, sharding.make_mesh(c.mesh, devices),
                                    compiler_options=FAST)
         state = steps.init(jax.random.key(0))
         losses.append([])
