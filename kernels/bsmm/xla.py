@@ -89,21 +89,26 @@ def _use_batched(m: int, k: int, kidx_NbxT, b: int) -> bool:
 _BATCHED_MAX_BYTES = 8 << 20
 
 
-def _x_blocks(x_MxK, kidx_NbxT, b: int) -> jax.Array:
-    """x's K-blocks of every (column, slot), batch-major: ``[Nb, M, T*B]``, one gather."""
-    m, k = x_MxK.shape
-    nb, t = kidx_NbxT.shape
-    x_KbxMxB = x_MxK.reshape(m, k // b, b).transpose(1, 0, 2)
-    g_NbTxMxB = jnp.take(x_KbxMxB, kidx_NbxT.reshape(-1), axis=0, mode="clip")
-    if t == 1:
-        return g_NbTxMxB
-    return g_NbTxMxB.reshape(nb, t, m, b).transpose(0, 2, 1, 3).reshape(nb, m, t * b)
-
-
 def _by_column(a_MxN, b: int) -> jax.Array:
     """``[M, N]`` -> ``[Nb, M, B]``: the block columns as a leading batch axis."""
     m, n = a_MxN.shape
     return a_MxN.reshape(m, n // b, b).transpose(1, 0, 2)
+
+
+def _from_columns(a_NbxMxB) -> jax.Array:
+    """``[Nb, M, B]`` -> ``[M, N]``: the inverse of ``_by_column``."""
+    nb, m, b = a_NbxMxB.shape
+    return a_NbxMxB.transpose(1, 0, 2).reshape(m, nb * b)
+
+
+def _x_blocks(x_MxK, kidx_NbxT, b: int) -> jax.Array:
+    """x's K-blocks of every (column, slot), batch-major: ``[Nb, M, T*B]``, one gather."""
+    m = x_MxK.shape[0]
+    nb, t = kidx_NbxT.shape
+    g_NbTxMxB = jnp.take(_by_column(x_MxK, b), kidx_NbxT.reshape(-1), axis=0, mode="clip")
+    if t == 1:
+        return g_NbTxMxB
+    return g_NbTxMxB.reshape(nb, t, m, b).transpose(0, 2, 1, 3).reshape(nb, m, t * b)
 
 
 # Batch-major operands (the batch axis leading in both) keep XLA from adding transposes.
@@ -115,8 +120,7 @@ _BATCH_TN = (((1,), (1,)), ((0,), (0,)))    # [n, m, k] x [n, m, c] -> [n, k, c]
 def _batched_matmul(x_MxK, w_NbxTBxB, kidx_NbxT, b: int, out_dtype) -> jax.Array:
     y_NbxMxB = lax.dot_general(_x_blocks(x_MxK, kidx_NbxT, b), w_NbxTBxB, _BATCH_NN,
                                preferred_element_type=_F32)
-    m, nb = x_MxK.shape[0], kidx_NbxT.shape[0]
-    return y_NbxMxB.transpose(1, 0, 2).reshape(m, nb * b).astype(out_dtype)
+    return _from_columns(y_NbxMxB).astype(out_dtype)
 
 
 def _batched_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -> jax.Array:
@@ -130,7 +134,7 @@ def _batched_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -
     onehot_KbxNbT = (jnp.arange(k // b)[:, None] == kidx_NbxT.reshape(-1)[None, :]).astype(_F32)
     dx_KbxMB = jnp.dot(onehot_KbxNbT, c_NbTxMB, precision=lax.Precision.HIGHEST,
                        preferred_element_type=_F32)
-    return dx_KbxMB.reshape(k // b, m, b).transpose(1, 0, 2).reshape(m, k).astype(out_dtype)
+    return _from_columns(dx_KbxMB.reshape(k // b, m, b)).astype(out_dtype)
 
 
 def _batched_sddmm(x_MxK, dy_MxN, kidx_NbxT, b: int, out_dtype) -> jax.Array:
@@ -147,7 +151,8 @@ def _x_cols(x_MxK, kidx_T, b: int) -> jax.Array:
 
 
 def _cols_matmul(x_MxK, w_NbxTBxB, kidx_NbxT, b: int, out_dtype) -> jax.Array:
-    """``y[:, j] = x[:, kidx[j]] @ w[j]``, one GEMM per output block column: ``[M, N]``."""
+    """``y[:, j] = x[:, kidx[j]] @ w[j]``: ``[M, N]``, one GEMM per output block column (or
+    the batched formulation, see ``_use_batched``)."""
     m = x_MxK.shape[0]
     nb = kidx_NbxT.shape[0]
     if _use_batched(m, x_MxK.shape[1], kidx_NbxT, b):
@@ -165,7 +170,8 @@ def _cols_matmul(x_MxK, w_NbxTBxB, kidx_NbxT, b: int, out_dtype) -> jax.Array:
 
 
 def _cols_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -> jax.Array:
-    """``dX[:, kidx[j]] += dY[:, j] @ w[j]^T`` scatter-added over the columns: ``[M, K]``."""
+    """``dX[:, kidx[j]] += dY[:, j] @ w[j]^T`` scatter-added over the columns: ``[M, K]`` (or
+    the batched formulation)."""
     m = dy_MxN.shape[0]
     nb, t = kidx_NbxT.shape
     if _use_batched(m, k, kidx_NbxT, b):
@@ -189,7 +195,8 @@ def _cols_matmul_t(dy_MxN, w_NbxTBxB, kidx_NbxT, b: int, k: int, out_dtype) -> j
 
 
 def _cols_sddmm(x_MxK, dy_MxN, kidx_NbxT, b: int, out_dtype) -> jax.Array:
-    """``x[:, kidx[j]]^T @ dY[:, j]`` per output block column: ``[Nb, T*B, B]``."""
+    """``x[:, kidx[j]]^T @ dY[:, j]`` per output block column: ``[Nb, T*B, B]`` (or the
+    batched formulation)."""
     nb = kidx_NbxT.shape[0]
     if _use_batched(*x_MxK.shape, kidx_NbxT, b):
         return _batched_sddmm(x_MxK, dy_MxN, kidx_NbxT, b, out_dtype)
