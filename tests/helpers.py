@@ -42,6 +42,21 @@ def assert_same(a, b):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def force_xla_core(monkeypatch, core: str) -> None:
+    """Makes the xla backend run its ``"scan"`` or ``"batched"`` formulation at every shape
+    (kernels/bsmm/xla.py ``_use_batched``; test shapes take the batched one otherwise)."""
+    from kernels.bsmm import xla
+    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", {"scan": 0, "batched": 1 << 40}[core])
+
+
+def backend_name(backend: str, monkeypatch) -> str:
+    """A ``BACKENDS`` entry's backend: ``"xla-scan"`` is xla forced onto its column scan."""
+    if backend == "xla-scan":
+        force_xla_core(monkeypatch, "scan")
+        return "xla"
+    return backend
+
+
 def block_oracle(x, w, mask_KbxNb, b, ct):
     """fp32 ``(y, dx, dw)`` of ``x @ (w * expand(mask))`` by plain autodiff (the dense masked
     oracle of every block-sparse backend)."""

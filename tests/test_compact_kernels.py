@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.bsmm import pallas_gpu, pallas_tpu, xla
-from tests.helpers import assert_close, compact_oracle
+from kernels.bsmm import pallas_gpu, pallas_tpu
+from tests.helpers import assert_close, backend_name, compact_oracle, force_xla_core
 
 _PALLAS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
 # The Pallas backends' compact products are checked against the same oracle in
 # tests/test_compact_pallas.py (several shapes, unsorted slots, bf16); here under -m slow.
-BACKENDS = [("xla", False), ("reference", False),
+BACKENDS = [("xla", False), ("xla-scan", False), ("reference", False),
             pytest.param("pallas_gpu", True, marks=pytest.mark.slow),
             pytest.param("pallas_tpu", True, marks=pytest.mark.slow)]
 
@@ -63,30 +63,23 @@ def _check(backend, interpret, lead, k, n, b, t, dtype, seed, n_index=3):
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
-def test_backend_matches_oracle_fp32(backend, interpret):
+def test_backend_matches_oracle_fp32(backend, interpret, monkeypatch):
+    backend = backend_name(backend, monkeypatch)
     _skip_missing(backend)
     _check(backend, interpret, (2, 3), 64, 96, 16, 2, jnp.float32, seed=1)
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
-def test_backend_matches_oracle_bf16_one_slot(backend, interpret):
+def test_backend_matches_oracle_bf16_one_slot(backend, interpret, monkeypatch):
+    backend = backend_name(backend, monkeypatch)
     _skip_missing(backend)
     _check(backend, interpret, (24,), 64, 64, 32, 1, jnp.bfloat16, seed=2, n_index=2)
 
 
-@pytest.mark.parametrize("dtype, t", [(jnp.float32, 2), (jnp.bfloat16, 1)])
-def test_xla_column_scan_matches_oracle(dtype, t, monkeypatch):
-    """The shapes of the two tests above (which take the batched formulation), scanned."""
-    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
-    if t == 2:
-        _check("xla", False, (2, 3), 64, 96, 16, 2, dtype, seed=1)
-    else:
-        _check("xla", False, (24,), 64, 64, 32, 1, dtype, seed=2, n_index=2)
-
-
-@pytest.mark.parametrize("backend,interpret", BACKENDS)
+@pytest.mark.parametrize("backend,interpret", [b for b in BACKENDS if b != ("xla-scan", False)])
 def test_every_block_live(backend, interpret):
-    """T = Kb (xla's dense fallback); slots are a permutation of the K-blocks."""
+    """T = Kb (xla's dense fallback, whatever its core); slots are a permutation of the
+    K-blocks."""
     _skip_missing(backend)
     _check(backend, interpret, (5,), 48, 32, 16, 3, jnp.float32, seed=3, n_index=2)
 
@@ -94,7 +87,7 @@ def test_every_block_live(backend, interpret):
 @pytest.mark.parametrize("seed", range(4))
 def test_xla_random_shapes(seed, monkeypatch):
     # Even seeds run XLA's column scan, odd ones its batched formulation (xla._use_batched).
-    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed % 2])
+    force_xla_core(monkeypatch, ("scan", "batched")[seed % 2])
     rng = np.random.default_rng(200 + seed)
     b = int(rng.choice([16, 32]))
     kb, nb = int(rng.integers(1, 6)), int(rng.integers(1, 5))
@@ -206,7 +199,8 @@ def test_mixed_dtypes_and_empty_batch():
     y, vjp = jax.vjp(f, x.astype(jnp.bfloat16), blocks)
     dx, db = vjp(ct)
     assert (y.dtype, dx.dtype, db.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
-    assert_close(db, compact_oracle(x.astype(jnp.bfloat16), blocks, kidx, ct)[2], jnp.float32, "dblocks")
+    assert_close(db, compact_oracle(x.astype(jnp.bfloat16), blocks, kidx, ct)[2], jnp.float32,
+                 "dblocks")
     assert f(jnp.zeros((0, 3, 32)), blocks).shape == (0, 3, 32)
 
 

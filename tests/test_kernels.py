@@ -16,20 +16,10 @@ import pytest
 import kernels
 from kernels import BlockBudget
 from kernels.bsmm import reference as bsmm_reference
-from kernels.bsmm import xla
-from tests.helpers import assert_close, block_oracle
+from tests.helpers import assert_close, backend_name, block_oracle, force_xla_core
 
 BACKENDS = [("xla", False), ("xla-scan", False), ("reference", False), ("pallas_gpu", True),
             ("pallas_tpu", True)]
-
-
-def _formulation(backend, monkeypatch):
-    """``"xla-scan"``: the xla backend forced onto its column scan (small test shapes take its
-    batched formulation otherwise, kernels/bsmm/xla.py ``_use_batched``)."""
-    if backend == "xla-scan":
-        monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
-        return "xla"
-    return backend
 
 
 def _masks(kb, nb, rng):
@@ -77,13 +67,13 @@ def _check_backend(backend, interpret, lead, k, n, b, dtype, seed, full_budget=F
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
 def test_backend_matches_oracle_fp32(backend, interpret, monkeypatch):
-    _check_backend(_formulation(backend, monkeypatch), interpret, (2, 5), 48, 64, 16,
+    _check_backend(backend_name(backend, monkeypatch), interpret, (2, 5), 48, 64, 16,
                    jnp.float32, seed=1)
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS)
 def test_backend_matches_oracle_bf16(backend, interpret, monkeypatch):
-    _check_backend(_formulation(backend, monkeypatch), interpret, (24,), 64, 96, 32,
+    _check_backend(backend_name(backend, monkeypatch), interpret, (24,), 64, 96, 32,
                    jnp.bfloat16, seed=2)
 
 
@@ -91,7 +81,7 @@ def test_backend_matches_oracle_bf16(backend, interpret, monkeypatch):
 def test_xla_random_shapes(seed, monkeypatch):
     # Even seeds run XLA's column scan, odd ones its batched formulation; seeds 2-3 give a
     # full budget (the dense fallback), 0-1 one block short of it (Kb >= 2, so the core runs).
-    monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", (0, 1 << 40)[seed % 2])
+    force_xla_core(monkeypatch, ("scan", "batched")[seed % 2])
     rng = np.random.default_rng(100 + seed)
     b = int(rng.choice([16, 32, 64]))
     lead = tuple(int(v) for v in rng.integers(1, 7, size=int(rng.integers(1, 3))))

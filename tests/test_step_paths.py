@@ -19,6 +19,7 @@ from sparse_gpt.model.context import StepContext
 from sparse_gpt.model.topology import Topology
 from sparse_gpt.sparsity import masks as masks_lib
 from sparse_gpt.training import step as train_lib, trainer
+from tests.helpers import force_xla_core
 
 FAST = {"xla_backend_optimization_level": 0}
 STEPS = 4
@@ -257,10 +258,8 @@ def test_kernels_outside_sparse_layers_take_the_plain_product(method, storage, c
     budget sized for the sparse ones (it held 1 of 4 K-blocks and dropped the rest). ``core``:
     the XLA kernels' formulation (this shape takes the batched one unless forced)."""
     import dataclasses
-    from kernels.bsmm import xla
     from sparse_gpt.model import compact, gpt
-    if core == "scan":
-        monkeypatch.setattr(xla, "_BATCHED_MAX_BYTES", 0)
+    force_xla_core(monkeypatch, core)
     c = config(**{"sparsity.method": method, "sparsity.sparse_layers": "mlp/*",
                   "model.sparse_storage": storage})
     p = plan_lib.from_config(c)
