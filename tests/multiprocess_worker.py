@@ -35,7 +35,9 @@ def record(config, workdir: str) -> tuple[dict, list[np.ndarray]]:
     result = trainer.train(config, workdir)
     params = [np.asarray(multihost_utils.process_allgather(p, tiled=True))
               for p in jax.tree.leaves(result["state"].params)]
-    losses = {str(r["step"]): r["loss"] for r in metrics.load_metrics(workdir)}
+    # Only process 0 writes metrics.jsonl (the others may read it before its last flush).
+    losses = ({str(r["step"]): r["loss"] for r in metrics.load_metrics(workdir)}
+              if jax.process_index() == 0 else {})
     return {"losses": losses, "val_loss": result["val"]["loss"]}, params
 
 
@@ -43,8 +45,6 @@ def _watch(seen: dict) -> None:
     """Records the rows each process reads and the batches it hands to ``put_batch``."""
     from sparse_gpt.data import dataset as data_lib
     from sparse_gpt.parallel import sharding
-    from sparse_gpt.training import metrics
-    from sparse_gpt.training import trainer
     make_data, put_batch = data_lib.make_data, sharding.put_batch
 
     def watched_make_data(*args, **kwargs):
@@ -57,15 +57,6 @@ def _watch(seen: dict) -> None:
         return put_batch(batch, *args, **kwargs)
 
     data_lib.make_data, sharding.put_batch = watched_make_data, watched_put_batch
-    index = int(os.environ["SPARSE_GPT_PROCESS_ID"])
-    if index > 0:
-        # train() writes metrics.jsonl from every process; two processes replacing the
-        # same file race, so the others write theirs beside it.
-        def own_writer(workdir, **kwargs):
-            folder = os.path.join(workdir, f"process{index}")
-            os.makedirs(folder, exist_ok=True)
-            return metrics.MetricsWriter(folder, **kwargs)
-        trainer.MetricsWriter = own_writer
 
 
 def check_placement() -> dict[str, list]:

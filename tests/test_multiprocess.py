@@ -134,6 +134,10 @@ def test_two_processes_train_and_resume_like_one(corpus, tmp_path):
         assert two["losses"][step] == pytest.approx(loss, rel=RTOL), step
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=RTOL)
     assert_close(two_params, one_params)
+    # Process 0 alone wrote the run's files: one row per step, one TensorBoard event file.
+    written = [json.loads(line)["step"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert written == [1, 2, 3, 4]
+    assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1
     # The single process's checkpoint, restored by two processes: the same state, exactly.
     reopened, reopened_params = runs["reopened"]
     for a, b in zip(reopened_params, one_params):

@@ -446,3 +446,19 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning_and_the_rewrite_is_ato
     path.write_text(json.dumps(rows[0]) + "\nnot json\n" + json.dumps(rows[1]) + "\n")
     with pytest.raises(ValueError, match=rf"{path} line 2 is not JSON"):
         metrics_lib.MetricsWriter(str(tmp_path), resume_step=4, tensorboard=False)
+
+
+def test_only_the_primary_process_writes_metrics(tmp_path):
+    """Processes 1.. of a multi-process run write nothing (no rewrite, no rows, no
+    TensorBoard files) but still know the resumed row and the rows they were given."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (2, 4, 6)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text)
+    other = metrics_lib.MetricsWriter(str(tmp_path), resume_step=4, primary=False)
+    assert other.last == rows[1]
+    other.write({"step": 6, "loss": 0.5})
+    assert other.last == {"step": 6, "loss": 0.5}
+    other.close()
+    assert path.read_text() == text                       # not truncated to step 4 either
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]

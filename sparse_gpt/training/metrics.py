@@ -5,6 +5,9 @@ On resume the rows past the restored step (written by the crashed run after its 
 checkpoint) are dropped, so the file reads as one uninterrupted run; the file is rewritten
 through a temporary file and a rename, so a crash during the rewrite loses nothing. A last
 line a killed run left half-written is dropped with a warning naming the file.
+
+In a multi-process run only process 0 writes (``primary``); the others keep the rows they
+would have written in memory only, so no two processes append to or replace the same files.
 """
 
 from __future__ import annotations
@@ -16,38 +19,49 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Appends metric rows to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends metric rows to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+    ``primary=False`` (every process but 0 of a multi-process run) writes nothing: ``last``
+    still starts from the file's row of ``resume_step`` and follows :meth:`write`.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True,
+                 primary: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.last: dict[str, Any] = {}
+        self._file = self._tb = None
         rows = _read(self.path) if resume_step else []
         kept = [r for r in rows if r.get("step", 0) <= resume_step]
+        if kept:
+            self.last = kept[-1]
+        if not primary:
+            return
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        if kept:
-            self.last = kept[-1]
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, row: dict[str, Any]) -> None:
         """Writes one row; numbers also go to TensorBoard under their key."""
+        self.last = row
+        if self._file is None:
+            return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        self.last = row
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
+        if self._file is None:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

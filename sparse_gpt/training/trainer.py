@@ -235,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         stack.callback(ckpt.close)
         start = saved = int(state.step)
         tokens_per_step = t.batch_size * config.data.seq_len
-        writer = MetricsWriter(workdir, resume_step=start)
+        writer = MetricsWriter(workdir, resume_step=start, primary=jax.process_index() == 0)
         stack.callback(writer.close)
         if jax.process_index() == 0:
             workdir_lib.record_start(workdir, ckpt_lib.config_dict(config), start, changes)
@@ -333,6 +333,8 @@ def _write_sample(config, workdir: str, model, state, tokenizer) -> None:
     n = max(0, min(t.sample_tokens, model.cfg.max_len - len(prompt)))
     tokens = sampling.generate(model, state.params, state.masks, prompt, n, temperature=0.8,
                                top_k=40, seed=t.seed, vocab_size=tokenizer.vocab_size)
+    if jax.process_index() != 0:   # every process samples (the state is sharded); one writes
+        return
     with open(os.path.join(workdir, "sample.txt"), "w") as f:
         f.write(t.sample_prompt + tokenizer.decode(tokens) + "\n")
 
