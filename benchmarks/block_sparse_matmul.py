@@ -15,11 +15,20 @@ dense, median of ``--reps`` runs after a warm-up, ``block_until_ready``):
     <backend>   kernels.block_sparse_matmul with metadata built inside the jitted function
                 from a traced mask (topology can change without recompiling; checked)
     xla_frozen  the same with the mask baked in at trace time (recompiles per mask)
+    gemm_T      not a kernel: the dense GEMM ``x[:, :T*B] @ w[:T*B]``, the traced kernels'
+                FLOPs (T blocks per column) as one GEMM of this machine; its ratio is what a
+                kernel of that budget could reach if it lost nothing to gathers and slices
+                (on CPU, GEMMs of small inner dimension run below the large GEMM's rate)
+    compact-<backend>   kernels.compact_matmul: the weight stored as its live blocks only
+                [Nb, T, B, B] (model.sparse_storage=compact), traced slot index; dW comes
+                out as blocks. compact-xla_frozen: the same with a trace-time topology
 
-Ratios are dense_time / time: above 1 is faster than dense. Masks put the same number of
-blocks (+-1) in every output block column, which is what the per-column budget
-``kernels.block_budget(K, N, B, density)`` assumes; at low density and small Kb the budget
-rounds up (e.g. 10% of Kb=8 -> 1 block per column), and the table shows both densities.
+Ratios are dense_time / time: above 1 is faster than dense. A column whose kernel fails to
+build, compile or match the masked product reads ``failed`` (the error goes to stderr) and
+the others still run; ``n/a``: compact columns where the mask's columns hold unequal counts.
+Masks put the same number of blocks (+-1) in every output block column, which is what the
+per-column budget ``kernels.block_budget(K, N, B, density)`` assumes; at low density and
+small Kb the budget rounds up (e.g. 10% of Kb=8 -> 1 block per column), and the table shows both densities.
 """
 
 from __future__ import annotations
@@ -81,24 +90,61 @@ def fwd_and_fwdbwd(f):
     return fwd, jax.jit(vjp)
 
 
-def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, dtype):
-    """Returns (fwd, fwdbwd, extra_args) for one column of the table."""
+REFERENCES = ("dense", "gemm_T")   # timing references, not the masked product
+
+
+class NotApplicable(Exception):
+    """A column that cannot run this configuration (shown as n/a, not as failed)."""
+
+
+def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, w, dtype):
+    """Returns (fwd, fwdbwd, weight, extra_args, other_topology) for one column of the table.
+
+    ``weight`` is what the column multiplies by (``w``, or its live blocks for the compact
+    columns); ``other_topology`` is the extra args of another mask of the same density for
+    the traced columns (None for the rest): they must not recompile for it.
+    """
     if name == "dense":
-        return (*fwd_and_fwdbwd(lambda x, w: jnp.dot(x, w)), ())
+        return (*fwd_and_fwdbwd(lambda x, w: jnp.dot(x, w)), w, (), None)
     if name == "masked":
         return (
-            *fwd_and_fwdbwd(lambda x, w, m: jnp.dot(x, w * m)),
-            (kernels.expand_block_mask(jnp.asarray(mask_np), b).astype(dtype),),
+            *fwd_and_fwdbwd(lambda x, w, m: jnp.dot(x, w * m)), w,
+            (kernels.expand_block_mask(jnp.asarray(mask_np), b).astype(dtype),), None,
         )
     if name == "xla_frozen":
         fmeta = kernels.make_block_meta(mask_np, b, block_mask=True, frozen=True)
-        return (*fwd_and_fwdbwd(lambda x, w: kernels.block_sparse_matmul(x, w, fmeta)), ())
+        return (*fwd_and_fwdbwd(lambda x, w: kernels.block_sparse_matmul(x, w, fmeta)), w, (),
+                None)
+    if name == "gemm_T":
+        kk = budget.max_per_col * b
+        return (*fwd_and_fwdbwd(lambda x, w: jnp.dot(x[:, :kk], w[:kk])), w, (), None)
+    if name.startswith("compact-"):
+        counts = mask_np.sum(0)
+        if counts.min() != counts.max():
+            raise NotApplicable(f"the mask holds {counts.min()}-{counts.max()} blocks per "
+                                "column; compact storage needs the same number in each")
+        backend = name.removeprefix("compact-")
+        kidx = kernels.compact_index(mask_np, int(mask_np.sum(0).max()))
+        blocks = kernels.gather_blocks(w, kidx, b)
+        if backend == "xla_frozen":
+            fmeta = kernels.make_block_meta(mask_np, b, block_mask=True, frozen=True)
+            return (*fwd_and_fwdbwd(lambda x, bl: kernels.compact_matmul(
+                x, bl, fmeta, backend="xla")), blocks, (), None)
+
+        def fc(x, bl, kidx_NbxT):
+            return kernels.compact_matmul(x, bl, kidx_NbxT, backend=backend, interpret=interpret)
+
+        other = kernels.compact_index(
+            balanced_block_mask(*mask_np.shape, float(mask_np.mean()),
+                                np.random.default_rng(1)), kidx.shape[1])
+        return (*fwd_and_fwdbwd(fc), blocks, (kidx,), (other,))
 
     def f(x, w, mask_KbxNb):
         meta = kernels.make_block_meta(mask_KbxNb, b, budget, block_mask=True)
         return kernels.block_sparse_matmul(x, w, meta, backend=name, interpret=interpret)
 
-    return (*fwd_and_fwdbwd(f), (jnp.asarray(mask_np),))
+    other = balanced_block_mask(*mask_np.shape, float(mask_np.mean()), np.random.default_rng(1))
+    return (*fwd_and_fwdbwd(f), w, (jnp.asarray(mask_np),), (jnp.asarray(other),))
 
 
 def time_interleaved(calls: dict, reps: int) -> dict:
@@ -122,30 +168,45 @@ def run_config(args, b: int, density: float, names: list[str], rng) -> list[str]
     dy = jnp.asarray(rng.standard_normal((args.m, args.n)), dtype)
     mask_np = balanced_block_mask(kb, nb, density, rng)
     budget = kernels.block_budget(args.k, args.n, b, density)
-    cols = {nm: build(nm, b, budget, args.interpret, mask_np, dtype) for nm in ["dense"] + names}
+    ref = jnp.dot(x, w * kernels.expand_block_mask(jnp.asarray(mask_np), b).astype(dtype))
+    tol = (5e-2 if dtype == jnp.bfloat16 else 1e-3) * float(jnp.max(jnp.abs(ref)))
 
-    # Correctness and "no recompile" guard before timing.
-    ref = cols["masked"][0](x, w, *cols["masked"][2]) if "masked" in cols else None
-    for nm in names:
-        fwd, fwdbwd, extra = cols[nm]
-        if ref is not None and nm != "masked":
-            err = float(jnp.max(jnp.abs(fwd(x, w, *extra).astype(jnp.float32) - ref)))
-            tol = (5e-2 if dtype == jnp.bfloat16 else 1e-3) * float(jnp.max(jnp.abs(ref)))
-            assert err <= tol, f"{nm} B={b} d={density}: max |err| {err} > {tol}"
-        if extra and extra[0].dtype == jnp.bool_:  # traced metadata: a new mask, same program
-            other = jnp.asarray(balanced_block_mask(kb, nb, density, rng))
-            jax.block_until_ready(fwdbwd(x, w, dy, other))
-            jax.block_until_ready(fwdbwd(x, w, dy, *extra))
-            assert fwdbwd._cache_size() == 1, f"{nm} recompiled for a new topology"
+    cols = {}
+    for nm in ["dense"] + names:
+        try:
+            fwd, fwdbwd, weight, extra, other = build(nm, b, budget, args.interpret, mask_np,
+                                                      w, dtype)
+            if nm not in REFERENCES:  # correctness against the masked product, first
+                err = float(jnp.max(jnp.abs(fwd(x, weight, *extra).astype(jnp.float32) - ref)))
+                assert err <= tol, f"max |err| {err} > {tol}"
+            jax.block_until_ready(fwdbwd(x, weight, dy, *extra))
+            if other is not None:  # traced topology: a new mask, the same program
+                jax.block_until_ready(fwdbwd(x, weight, dy, *other))
+                assert fwdbwd._cache_size() == 1, "recompiled for a new topology"
+        except NotApplicable as e:
+            print(f"{nm} B={b} d={density}: n/a: {e}", file=sys.stderr, flush=True)
+            cols[nm] = None
+            continue
+        except Exception as e:  # noqa: BLE001 -- one column's failure must not lose the rest
+            if nm == "dense":
+                raise
+            print(f"{nm} B={b} d={density}: failed: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
+            continue
+        cols[nm] = (fwd, fwdbwd, weight, extra)
+    skipped = {nm for nm, c in cols.items() if c is None}
+    cols = {nm: c for nm, c in cols.items() if c is not None}
 
     out = []
     for mode in ("fwd", "fwd+bwd"):
         calls = {
-            nm: (c[0], (x, w, *c[2])) if mode == "fwd" else (c[1], (x, w, dy, *c[2]))
+            nm: (c[0], (x, c[2], *c[3])) if mode == "fwd" else (c[1], (x, c[2], dy, *c[3]))
             for nm, c in cols.items()
         }
         t = time_interleaved(calls, args.reps)
-        ratios = "  ".join(f"{t['dense'] / t[nm]:>{max(len(nm), 6)}.2f}" for nm in names)
+        ratios = "  ".join(
+            f"{t['dense'] / t[nm]:>{max(len(nm), 6)}.2f}" if nm in t
+            else f"{'n/a' if nm in skipped else 'failed':>{max(len(nm), 6)}}" for nm in names)
         out.append(
             f"{b:>4} {density:>5.2f} {mask_np.mean():>6.3f} {budget.max_per_col:>3} "
             f"{mode:>7} {t['dense'] * 1e3:>9.1f}  {ratios}"
@@ -168,8 +229,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--backends",
         default=None,
-        help="comma list from masked,xla,xla_frozen,pallas_gpu,pallas_tpu,reference"
-        " (default: masked, the platform's backends and xla_frozen)",
+        help="comma list from masked,gemm_T,xla,xla_frozen,pallas_gpu,pallas_tpu,reference "
+        "and compact-BACKEND (compact-xla_frozen too); default: masked, gemm_T, the "
+        "platform's backends, xla_frozen and their compact columns",
     )
     p.add_argument(
         "--interpret",
@@ -181,10 +243,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
 
+    platform_backends = list(kernels.available_backends()[:-1])
     names = (
         args.backends.split(",")
         if args.backends
-        else ["masked", *kernels.available_backends()[:-1], "xla_frozen"]
+        else ["masked", "gemm_T", *platform_backends, "xla_frozen",
+              *[f"compact-{nm}" for nm in platform_backends], "compact-xla_frozen"]
     )
     header = [
         "block_sparse_matmul benchmark: speedup = dense jnp.dot time / time (higher is "

@@ -12,7 +12,7 @@
 #                compact-weight products and attention) against their dense masked oracles,
 #                values and gradients, fp32 and bf16 -> pallas_check.md
 #   bsmm_bench   benchmarks/block_sparse_matmul.py at M=16384 K=N=4096 B=128, densities
-#                1.0,0.25,0.125,0.1, bf16 -> block_sparse_matmul.txt
+#                1.0,0.25,0.125,0.1, bf16, dense and compact layouts -> block_sparse_matmul.txt
 #   step_speed   benchmarks/step_speed.py, gpt2-small dense vs sparse_pretrain 87.5% (both layouts)
 #                -> step_speed.md (reported as skipped if the script does not exist)
 # A failing step does not stop the next one. The output folder is $OUT if set, else
@@ -135,11 +135,11 @@ if [ "$PREFLIGHT_OK" = 1 ]; then
   # 3. Block-sparse matmul speed (bf16 on GPU; the benchmark's own check runs against masked).
   if [ "$SMOKE" = 1 ]; then
     BENCH=(--m 64 --k 128 --n 128 --block-sizes 16 --densities 1.0,0.25
-           --backends masked,xla,pallas_gpu --interpret --reps 1)
+           --backends masked,xla,pallas_gpu,compact-pallas_gpu --interpret --reps 1)
   else
     BENCH=(--m 16384 --k 4096 --n 4096 --dtype bfloat16 --block-sizes 128
            --densities 1.0,0.25,0.125,0.1
-           --backends "${SUITE_BSMM_BACKENDS:-masked,pallas_gpu,xla}"
+           --backends "${SUITE_BSMM_BACKENDS:-masked,pallas_gpu,compact-pallas_gpu,xla}"
            --reps "${SUITE_BSMM_REPS:-5}")
   fi
   wanted bsmm_bench && run_step bsmm_bench "$T_BENCH" "$PY" benchmarks/block_sparse_matmul.py "${BENCH[@]}" \
