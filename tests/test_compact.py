@@ -86,7 +86,11 @@ def dense_view(p, state):
 
 @pytest.fixture(scope="module")
 def static_pair():
-    return run(config("dense")), run(config("compact"))
+    # Clipping off: the global gradient norm sums the two layouts' gradients in different
+    # orders ([K, N] with zeros against [Nb, T, B, B]), so with it the parameters may differ
+    # by float rounding (seen on some CPUs); every product is the same computation.
+    off = {"train.grad_clip": 1e9}
+    return run(config("dense", **off)), run(config("compact", **off))
 
 
 def test_compact_kernels_hold_only_live_blocks_with_index_masks(static_pair):

@@ -39,7 +39,7 @@ FAMILY = [(p, s) for p in config_lib.PRESETS for s in sparse_pretrain.SPARSITIES
 def family_config(corpus, arg="tiny,87.5", **overrides):
     """A family config shrunk by helpers.small_config (width kept at 128: 1/8 of 8 blocks),
     in the dense layout: these tests read masks and weights as ``[L, K, N]`` arrays (the
-    recipe's compact layout equals it bit for bit: tests/test_compact.py)."""
+    recipe's compact layout computes the same numbers: tests/test_compact.py)."""
     return small_config(corpus, base=sparse_pretrain.get_config(arg),
                         **{"model.d_model": 128, "model.n_heads": 4,
                            "model.sparse_storage": "dense", **overrides})

@@ -47,24 +47,26 @@ def _grouped(mask_AxC: np.ndarray):
 
 
 def _assemble(
-    pieces: dict[int, tuple[jax.Array, int]], n_cols: int, b: int, m: int, dtype
+    pieces: dict[int, tuple[jax.Array, int]], n_cols: int, b: int, m: int, dtype, axis: int = 1
 ) -> jax.Array:
-    """Concatenates per-block-column slices (group output, position) in column order."""
+    """Concatenates per-block slices (group output, position) in block order along ``axis``
+    (1: block columns of ``[m, n_cols*B]``; 0: block rows of ``[n_cols*B, m]``)."""
     parts, c = [], 0
     while c < n_cols:
         if c not in pieces:
             e = c
             while e < n_cols and e not in pieces:
                 e += 1
-            parts.append(jnp.zeros((m, (e - c) * b), dtype))
+            shape = (m, (e - c) * b) if axis == 1 else ((e - c) * b, m)
+            parts.append(jnp.zeros(shape, dtype))
         else:
             arr, p = pieces[c]
             e = c + 1
             while e < n_cols and e in pieces and pieces[e][0] is arr and pieces[e][1] == p + e - c:
                 e += 1
-            parts.append(arr[:, p * b : (p + e - c) * b])
+            parts.append(lax.slice_in_dim(arr, p * b, (p + e - c) * b, axis=axis))
         c = e
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 def _static_matmul(a_MxP, w_PxQ, mask_PbxQb, b, out_dtype, transpose_w=False):
@@ -114,10 +116,10 @@ def frozen_sddmm(x_MxK, dy_MxN, fmeta: FrozenBlockMeta, out_dtype):
             preferred_element_type=_F32,
         ).astype(out_dtype)  # [len(rows)*B, len(cols)*B]
         # Spread the group's block rows back over all of K (zeros elsewhere): [K, len(cols)*B].
-        g_t = g.T
-        slab = _assemble(
-            {r: (g_t, p) for p, r in enumerate(rows)}, k // b, b, g.shape[1], out_dtype
-        ).T
+        # Along axis 0, with no transposes: XLA then computes g as the compact layout does
+        # (frozen_compact_sddmm), so the two layouts' dW are equal bit for bit.
+        slab = _assemble({r: (g, p) for p, r in enumerate(rows)}, k // b, b, g.shape[1],
+                         out_dtype, axis=0)
         pieces.update({c: (slab, p) for p, c in enumerate(cols)})
     return _assemble(pieces, mask.shape[1], b, k, out_dtype)
 

@@ -6,9 +6,9 @@ blocks, multiplied by the block-sparse kernels (``model.matmul=block_sparse``: P
 XLA gathers on CPU) so that skipped blocks cost no time, and stored compact
 (``model.sparse_storage=compact``: only the live blocks, in params, gradients, Adam moments
 and checkpoints, so that they cost no memory either; ``=dense`` keeps ``[L, K, N]`` weights
-with zeros off the blocks, the same numbers bit for bit). Embeddings, LayerNorms and the LM
-head stay dense. The big presets run their blocks as a GPipe pipeline over ``mesh.stage``
-devices. Optionally the last part of training is dense: after
+with zeros off the blocks, the same numbers up to the rounding of the clipping norm's sum).
+Embeddings, LayerNorms and the LM head stay dense. The big presets run their blocks as a
+GPipe pipeline over ``mesh.stage`` devices. Optionally the last part of training is dense: after
 ``sparsity.dense_finetune_start`` steps the masks are lifted to all ones (the lifted weights
 start at zero) and the model leaves the kernel for the dense product. See
 ``../shared/PAPERS.md`` section 1 for what the paper says and which choices are ours.
