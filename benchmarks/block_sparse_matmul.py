@@ -13,22 +13,24 @@ dense, median of ``--reps`` runs after a warm-up, ``block_until_ready``):
     dense       x @ w with jnp.dot: the baseline, in ms
     masked      x @ (w * expand(mask)) with a traced mask (what a masked layer costs)
     <backend>   kernels.block_sparse_matmul with metadata built inside the jitted function
-                from a traced mask (topology can change without recompiling; checked)
+                from a traced mask (a new topology reuses the compiled program)
     xla_frozen  the same with the mask baked in at trace time (recompiles per mask)
     gemm_T      not a kernel: the dense GEMM ``x[:, :T*B] @ w[:T*B]``, the traced kernels'
                 FLOPs (T blocks per column) as one GEMM of this machine; its ratio is what a
                 kernel of that budget could reach if it lost nothing to gathers and slices
                 (on CPU, GEMMs of small inner dimension run below the large GEMM's rate)
-    compact-<backend>   kernels.compact_matmul: the weight stored as its live blocks only
-                [Nb, T, B, B] (model.sparse_storage=compact), traced slot index; dW comes
-                out as blocks. compact-xla_frozen: the same with a trace-time topology
+    compact-<backend>   kernels.compact_matmul: the weight stored as its live blocks
+                only, [Nb, T, B, B] (model.sparse_storage=compact), traced slot index; dW
+                comes out as blocks. compact-xla_frozen: the same with a trace-time
+                topology. n/a where the mask's columns hold unequal counts (e.g. 10% of
+                Kb=8): compact storage holds the same number of blocks in every column
 
 Ratios are dense_time / time: above 1 is faster than dense. A column whose kernel fails to
 build, compile or match the masked product reads ``failed`` (the error goes to stderr) and
-the others still run; ``n/a``: compact columns where the mask's columns hold unequal counts.
-Masks put the same number of blocks (+-1) in every output block column, which is what the
-per-column budget ``kernels.block_budget(K, N, B, density)`` assumes; at low density and
-small Kb the budget rounds up (e.g. 10% of Kb=8 -> 1 block per column), and the table shows both densities.
+the others still run, and the script then exits non-zero. Masks put the same number of
+blocks (+-1) in every output block column, which is what the per-column budget
+``kernels.block_budget(K, N, B, density)`` assumes; at low density and small Kb the budget
+rounds up (e.g. 10% of Kb=8 -> 1 block per column), and the table shows both densities.
 """
 
 from __future__ import annotations
@@ -97,12 +99,12 @@ class NotApplicable(Exception):
     """A column that cannot run this configuration (shown as n/a, not as failed)."""
 
 
-def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, w, dtype):
+def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, other_np, w, dtype):
     """Returns (fwd, fwdbwd, weight, extra_args, other_topology) for one column of the table.
 
     ``weight`` is what the column multiplies by (``w``, or its live blocks for the compact
-    columns); ``other_topology`` is the extra args of another mask of the same density for
-    the traced columns (None for the rest): they must not recompile for it.
+    columns); ``other_topology`` is the extra args for ``other_np``, another mask of the same
+    density, for the traced columns (None for the rest): they reuse one program for it.
     """
     if name == "dense":
         return (*fwd_and_fwdbwd(lambda x, w: jnp.dot(x, w)), w, (), None)
@@ -124,7 +126,7 @@ def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, w, dt
             raise NotApplicable(f"the mask holds {counts.min()}-{counts.max()} blocks per "
                                 "column; compact storage needs the same number in each")
         backend = name.removeprefix("compact-")
-        kidx = kernels.compact_index(mask_np, int(mask_np.sum(0).max()))
+        kidx = kernels.compact_index(mask_np, int(counts[0]))
         blocks = kernels.gather_blocks(w, kidx, b)
         if backend == "xla_frozen":
             fmeta = kernels.make_block_meta(mask_np, b, block_mask=True, frozen=True)
@@ -134,17 +136,14 @@ def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, w, dt
         def fc(x, bl, kidx_NbxT):
             return kernels.compact_matmul(x, bl, kidx_NbxT, backend=backend, interpret=interpret)
 
-        other = kernels.compact_index(
-            balanced_block_mask(*mask_np.shape, float(mask_np.mean()),
-                                np.random.default_rng(1)), kidx.shape[1])
+        other = kernels.compact_index(other_np, kidx.shape[1])
         return (*fwd_and_fwdbwd(fc), blocks, (kidx,), (other,))
 
     def f(x, w, mask_KbxNb):
         meta = kernels.make_block_meta(mask_KbxNb, b, budget, block_mask=True)
         return kernels.block_sparse_matmul(x, w, meta, backend=name, interpret=interpret)
 
-    other = balanced_block_mask(*mask_np.shape, float(mask_np.mean()), np.random.default_rng(1))
-    return (*fwd_and_fwdbwd(f), w, (jnp.asarray(mask_np),), (jnp.asarray(other),))
+    return (*fwd_and_fwdbwd(f), w, (jnp.asarray(mask_np),), (jnp.asarray(other_np),))
 
 
 def time_interleaved(calls: dict, reps: int) -> dict:
@@ -160,13 +159,15 @@ def time_interleaved(calls: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_config(args, b: int, density: float, names: list[str], rng) -> list[str]:
+def run_config(args, b: int, density: float, names: list[str], rng) -> tuple[list[str], bool]:
+    """Times every column at block ``b`` and ``density``: (table rows, whether one failed)."""
     dtype = jnp.dtype(args.dtype)
     kb, nb = args.k // b, args.n // b
     x = jnp.asarray(rng.standard_normal((args.m, args.k)), dtype)
     w = jnp.asarray(rng.standard_normal((args.k, args.n)) / np.sqrt(args.k), dtype)
     dy = jnp.asarray(rng.standard_normal((args.m, args.n)), dtype)
     mask_np = balanced_block_mask(kb, nb, density, rng)
+    other_np = balanced_block_mask(kb, nb, density, rng)   # the same counts per column
     budget = kernels.block_budget(args.k, args.n, b, density)
     ref = jnp.dot(x, w * kernels.expand_block_mask(jnp.asarray(mask_np), b).astype(dtype))
     tol = (5e-2 if dtype == jnp.bfloat16 else 1e-3) * float(jnp.max(jnp.abs(ref)))
@@ -175,12 +176,12 @@ def run_config(args, b: int, density: float, names: list[str], rng) -> list[str]
     for nm in ["dense"] + names:
         try:
             fwd, fwdbwd, weight, extra, other = build(nm, b, budget, args.interpret, mask_np,
-                                                      w, dtype)
+                                                      other_np, w, dtype)
             if nm not in REFERENCES:  # correctness against the masked product, first
                 err = float(jnp.max(jnp.abs(fwd(x, weight, *extra).astype(jnp.float32) - ref)))
                 assert err <= tol, f"max |err| {err} > {tol}"
             jax.block_until_ready(fwdbwd(x, weight, dy, *extra))
-            if other is not None:  # traced topology: a new mask, the same program
+            if other is not None:  # traced topology: a new mask reuses the program
                 jax.block_until_ready(fwdbwd(x, weight, dy, *other))
                 assert fwdbwd._cache_size() == 1, "recompiled for a new topology"
         except NotApplicable as e:
@@ -212,7 +213,7 @@ def run_config(args, b: int, density: float, names: list[str], rng) -> list[str]
             f"{mode:>7} {t['dense'] * 1e3:>9.1f}  {ratios}"
         )
         print(out[-1], flush=True)
-    return out
+    return out, any(nm not in cols and nm not in skipped for nm in names)
 
 
 def main(argv=None) -> None:
@@ -256,22 +257,25 @@ def main(argv=None) -> None:
         machine_description(),
         f"shape x[M={args.m}, K={args.k}] @ w[K, N={args.n}], dtype {args.dtype}; "
         f"masks column-balanced; traced backends build metadata inside jit from a traced "
-        f"mask with budget block_budget(K, N, B, density)",
+        f"mask with budget block_budget(K, N, B, density) (compact: the mask's count)",
         f"{'B':>4} {'dens':>5} {'actual':>6} {'T':>3} {'mode':>7} {'dense_ms':>9}  "
         + "  ".join(f"{nm:>{max(len(nm), 6)}}" for nm in names),
     ]
     print("\n".join(header), flush=True)
     rng = np.random.default_rng(args.seed)
-    rows = []
+    rows, failed = [], False
     t0 = time.perf_counter()
     for b in [int(v) for v in args.block_sizes.split(",")]:
         for d in [float(v) for v in args.densities.split(",")]:
-            rows += run_config(args, b, d, names, rng)
+            out, bad = run_config(args, b, d, names, rng)
+            rows, failed = rows + out, failed or bad
     footer = f"total wall time {time.perf_counter() - t0:.0f} s"
     print(footer)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(header + rows + [footer]) + "\n")
+    if failed:
+        sys.exit("block_sparse_matmul: a column failed (see 'failed' above and stderr).")
 
 
 if __name__ == "__main__":

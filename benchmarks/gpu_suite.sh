@@ -12,7 +12,8 @@
 #                compact-weight products and attention) against their dense masked oracles,
 #                values and gradients, fp32 and bf16 -> pallas_check.md
 #   bsmm_bench   benchmarks/block_sparse_matmul.py at M=16384 K=N=4096 B=128, densities
-#                1.0,0.25,0.125,0.1, bf16, dense and compact layouts -> block_sparse_matmul.txt
+#                1.0,0.25,0.125,0.1, bf16, dense and compact layouts (compact n/a at 0.1,
+#                whose columns hold unequal counts) -> block_sparse_matmul.txt
 #   step_speed   benchmarks/step_speed.py, gpt2-small dense vs sparse_pretrain 87.5% (both layouts)
 #                -> step_speed.md (reported as skipped if the script does not exist)
 # A failing step does not stop the next one. The output folder is $OUT if set, else

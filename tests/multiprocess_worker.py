@@ -26,7 +26,8 @@ def record(config, workdir: str) -> tuple[dict, list[np.ndarray]]:
 
     Returns:
       ``({"losses": {step: loss}, "val_loss": ...}, params)``: the losses of
-      ``workdir/metrics.jsonl`` and the final parameters gathered from every process.
+      ``workdir/metrics.jsonl`` (process 0; ``{}`` on the others, which do not write it) and
+      the final parameters gathered from every process.
     """
     import jax
     from jax.experimental import multihost_utils

@@ -1,7 +1,8 @@
 """Compact storage (``model.sparse_storage=compact``) against the dense layout, its oracle.
 
 The dense layout (``[K, N]`` weights and masks) is the reference for every compact run:
-the same seed gives the same losses and, densified, the same params, masks and moments.
+the same seed gives the same losses and, densified, the same params, masks and moments (bit
+for bit with gradient clipping off; with it, the clip norm's sum may round differently).
 """
 
 import dataclasses

@@ -144,6 +144,35 @@ def test_frozen_topology_matchescompact_oracle(t):
     assert jaxpr.count("gather") <= 1, jaxpr
 
 
+@pytest.mark.parametrize("k,n", [(64, 256), (256, 64)])
+def test_frozen_layouts_compute_the_same_products_bit_for_bit(k, n):
+    """With a trace-time topology the two layouts' xla products are the same GEMMs: y, dX
+    and dW (gathered to blocks) are equal bit for bit under jit, which is what makes a
+    static compact run the dense layout's run (tests/test_compact.py). Several column
+    groups, so the dense layout's dW spreads more than one group over K."""
+    rng = np.random.default_rng(k + n)
+    b, m = 16, 128
+    kb, nb = k // b, n // b
+    kidx = _kidx(kb, nb, max(1, kb // 4), rng, ascending=True)
+    mask = np.asarray(kernels.index_block_mask(kidx, kb))
+    fmeta = kernels.make_block_meta(mask, b, block_mask=True, frozen=True)
+    x, blocks, ct = _data((m,), k, n, kidx.shape[1], b, jnp.float32, rng)
+    w = kernels.densify_blocks(blocks, jnp.asarray(kidx), k)
+
+    @jax.jit
+    def both(x, blocks, w, ct):
+        y_c, vjp_c = jax.vjp(lambda x, bl: kernels.compact_matmul(x, bl, fmeta, backend="xla"),
+                             x, blocks)
+        y_d, vjp_d = jax.vjp(lambda x, w: kernels.block_sparse_matmul(x, w, fmeta,
+                                                                      backend="xla"), x, w)
+        return (y_c, *vjp_c(ct)), (y_d, *vjp_d(ct))
+
+    (y_c, dx_c, db_c), (y_d, dx_d, dw_d) = both(x, blocks, w, ct)
+    np.testing.assert_array_equal(y_c, y_d)
+    np.testing.assert_array_equal(dx_c, dx_d)
+    np.testing.assert_array_equal(db_c, kernels.gather_blocks(dw_d, jnp.asarray(kidx), b))
+
+
 def test_layout_round_trips():
     rng = np.random.default_rng(6)
     b, kb, nb, t = 16, 5, 4, 3

@@ -183,7 +183,8 @@ def _assert_checks_and_bench_ok(proc, out):
     assert {l.split(" | ")[0].rsplit("/", 1)[1] for l in lines
             if l.startswith("| compact/")} == {"y", "dX", "dW"}
     table = (out / "block_sparse_matmul.txt").read_text()
-    assert "pallas_gpu" in table and "fwd+bwd" in table
+    assert "compact-pallas_gpu" in table and "fwd+bwd" in table
+    assert "failed" not in table, table
     for step in ("preflight", "pallas_check", "bsmm_bench"):
         assert (out / f"{step}.log").exists()
     return rows

@@ -6,8 +6,8 @@ checkpoint) are dropped, so the file reads as one uninterrupted run; the file is
 through a temporary file and a rename, so a crash during the rewrite loses nothing. A last
 line a killed run left half-written is dropped with a warning naming the file.
 
-In a multi-process run only process 0 writes (``primary``); the others keep the rows they
-would have written in memory only, so no two processes append to or replace the same files.
+In a multi-process run only process 0 writes (``primary``); the others only track the last
+row, so no two processes append to or replace the same files.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.last: dict[str, Any] = {}
         self._file = self._tb = None
-        rows = _read(self.path) if resume_step else []
+        try:
+            rows = _read(self.path) if resume_step else []
+        except ValueError:
+            if primary:
+                raise
+            rows = []   # caught mid-rewrite on a non-POSIX file system: process 0 reports it
         kept = [r for r in rows if r.get("step", 0) <= resume_step]
         if kept:
             self.last = kept[-1]
