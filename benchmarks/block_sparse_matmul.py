@@ -113,8 +113,9 @@ def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, other
             *fwd_and_fwdbwd(lambda x, w, m: jnp.dot(x, w * m)), w,
             (kernels.expand_block_mask(jnp.asarray(mask_np), b).astype(dtype),), None,
         )
+    frozen = name in ("xla_frozen", "compact-xla_frozen")
+    fmeta = kernels.make_block_meta(mask_np, b, block_mask=True, frozen=True) if frozen else None
     if name == "xla_frozen":
-        fmeta = kernels.make_block_meta(mask_np, b, block_mask=True, frozen=True)
         return (*fwd_and_fwdbwd(lambda x, w: kernels.block_sparse_matmul(x, w, fmeta)), w, (),
                 None)
     if name == "gemm_T":
@@ -129,7 +130,6 @@ def build(name: str, b: int, budget, interpret: bool, mask_np: np.ndarray, other
         kidx = kernels.compact_index(mask_np, int(counts[0]))
         blocks = kernels.gather_blocks(w, kidx, b)
         if backend == "xla_frozen":
-            fmeta = kernels.make_block_meta(mask_np, b, block_mask=True, frozen=True)
             return (*fwd_and_fwdbwd(lambda x, bl: kernels.compact_matmul(
                 x, bl, fmeta, backend="xla")), blocks, (), None)
 
@@ -172,7 +172,7 @@ def run_config(args, b: int, density: float, names: list[str], rng) -> tuple[lis
     ref = jnp.dot(x, w * kernels.expand_block_mask(jnp.asarray(mask_np), b).astype(dtype))
     tol = (5e-2 if dtype == jnp.bfloat16 else 1e-3) * float(jnp.max(jnp.abs(ref)))
 
-    cols = {}
+    cols, skipped = {}, set()
     for nm in ["dense"] + names:
         try:
             fwd, fwdbwd, weight, extra, other = build(nm, b, budget, args.interpret, mask_np,
@@ -186,7 +186,7 @@ def run_config(args, b: int, density: float, names: list[str], rng) -> tuple[lis
                 assert fwdbwd._cache_size() == 1, "recompiled for a new topology"
         except NotApplicable as e:
             print(f"{nm} B={b} d={density}: n/a: {e}", file=sys.stderr, flush=True)
-            cols[nm] = None
+            skipped.add(nm)
             continue
         except Exception as e:  # noqa: BLE001 -- one column's failure must not lose the rest
             if nm == "dense":
@@ -195,8 +195,6 @@ def run_config(args, b: int, density: float, names: list[str], rng) -> tuple[lis
                   flush=True)
             continue
         cols[nm] = (fwd, fwdbwd, weight, extra)
-    skipped = {nm for nm, c in cols.items() if c is None}
-    cols = {nm: c for nm, c in cols.items() if c is not None}
 
     out = []
     for mode in ("fwd", "fwd+bwd"):
